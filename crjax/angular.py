@@ -1,0 +1,444 @@
+"""Anisotropy observables: relative-intensity maps, angular power spectra, noise, relative diffusion.
+
+Seed §2–§3 (equation numbers refer to the seed paper; see ``../shared/physics.md`` §4).
+
+**Sky convention.** Pixel i (HEALPix RING) of every map is the particle's *momentum* direction p̂_i
+at Earth, as in :func:`crjax.healpix_directions`. The *arrival* direction on the sky is −p̂_i.
+C_ℓ is invariant under the parity flip p̂ → −p̂, so spectra do not care; masks of a sky region do
+(:func:`declination_band_mask` takes the declination of the arrival direction).
+
+**Power-spectrum backend (why "ring").** The estimator is the seed's (2.2) with equal-area pixels,
+a_ℓm = (4π/Npix) Σ_i δI_i Y*_ℓm(p̂_i), C_ℓ = Σ_m |a_ℓm|²/(2ℓ+1) — identical to
+``healpy.anafast(map, iter=0)``. HEALPix pixels lie on 4·nside − 1 iso-latitude rings with
+equally spaced φ, so Y_ℓm factorises into λ_ℓm(θ_r) e^{imφ} and
+
+    a_ℓm = (4π/Npix) Σ_rings λ_ℓm(θ_r) F_m(r),   F_m(r) = Σ_{j∈r} δI_j e^{−imφ_j}.
+
+Both steps are dense batched matrix products against host-precomputed tables (a padded
+(rings × 4·nside × 2(ℓmax+1)) cos/sin table, and λ_ℓm(θ_r) from the standard stable three-term
+recursion), cached per (nside, ℓmax, dtype): O(Npix·ℓmax) work and memory per map. The dense
+real-Y_ℓm alternative (``method="dense"``) needs an Npix × (ℓmax+1)² matrix — 0.9 GB and
+O(Npix·ℓmax²) work per map at nside 32, ℓmax 95 — and measured slower on CPU
+(``benchmarks/power_spectrum.py``); it is kept as an independent cross-check. s2fft is not used:
+its HEALPix transform needs L ≥ 2·nside and compiles slowly. Because the phases are explicit, the
+ring backend is exact for any ℓmax; ℓmax > 3·nside − 1 is allowed (as in anafast) but there the
+pixel sums alias and C_ℓ is no longer a meaningful estimate.
+
+Array layouts (``docs/design.md``): positions ``(..., npix, 3)``, maps ``(..., npix)``, spectra
+``(..., ℓmax+1)``; ensemble functions take the realisations on the leading axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import NamedTuple
+
+import healpy as hp
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ._checks import check_finite, check_int_at_least, is_concrete
+from .sky import npix_to_nside
+
+__all__ = [
+    "relative_intensity",
+    "power_spectrum",
+    "declination_band_mask",
+    "sky_fraction",
+    "mean_power_spectrum",
+    "standard_dipole",
+    "noise_level",
+    "SpectrumEstimate",
+    "spectrum_estimator",
+    "relative_diffusion_tensor",
+    "binned_relative_dispersion",
+    "parseval",
+    "SumRules",
+    "sum_rules",
+]
+
+_FOUR_PI = 4.0 * math.pi
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _float_dtype(x) -> np.dtype:
+    """Floating dtype of ``x``; integers/bools promote to JAX's default float (float64 in crjax)."""
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
+
+
+def _expand_to(x: Array, ndim: int) -> Array:
+    """Prepend unit axes so ``x`` has ``ndim`` axes (explicit: tests run rank_promotion='raise')."""
+    return jnp.reshape(x, (1,) * (ndim - x.ndim) + x.shape)
+
+
+def _map_nside(maps: Array, name: str = "maps") -> int:
+    if maps.ndim < 1:
+        raise ValueError(f"{name} must have a trailing pixel axis of length 12*nside**2; got a scalar")
+    try:
+        return npix_to_nside(maps.shape[-1])
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def _check_lmax(lmax, nside: int) -> int:
+    if lmax is None:
+        return 3 * nside - 1
+    check_int_at_least("lmax", lmax, 0)
+    return int(lmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side tables (numpy, float64, cached per resolution)
+
+
+def _legendre_table(cos_theta: np.ndarray, lmax: int) -> np.ndarray:
+    """λ_ℓm(θ) = Y_ℓm(θ, 0) for 0 ≤ m ≤ ℓ ≤ lmax; shape (len(θ), lmax+1 [ℓ], lmax+1 [m]), 0 for m > ℓ.
+
+    Standard stable recursion (fixed-m upward in ℓ from the sectoral λ_mm), Condon–Shortley phase.
+    Very small λ_mm near the poles underflow gracefully to 0 (they are below 1e-300 there).
+    """
+    x = np.asarray(cos_theta, dtype=np.float64)
+    s = np.sqrt(np.clip(1.0 - x * x, 0.0, None))
+    nr, L = x.shape[0], lmax + 1
+    lam = np.zeros((nr, L, L))
+    m = np.arange(L)
+    # sectoral: λ_mm = −sqrt((2m+1)/(2m)) sinθ λ_{m−1,m−1}
+    diag = np.empty((nr, L))
+    diag[:, 0] = 1.0 / math.sqrt(_FOUR_PI)
+    for mm in range(1, L):
+        diag[:, mm] = -math.sqrt((2 * mm + 1) / (2 * mm)) * s * diag[:, mm - 1]
+    lam[:, m, m] = diag
+    if L > 1:
+        # λ_{m+1,m} = sqrt(2m+3) cosθ λ_mm
+        mm = m[:-1]
+        lam[:, mm + 1, mm] = np.sqrt(2 * mm + 3)[None, :] * x[:, None] * diag[:, :-1]
+    for ell in range(2, L):
+        mm = np.arange(ell - 1)  # m ≤ ℓ−2: three-term recursion in ℓ
+        a = np.sqrt((4.0 * ell * ell - 1.0) / (ell * ell - mm * mm))
+        b = np.sqrt(((ell - 1.0) ** 2 - mm * mm) / (4.0 * (ell - 1.0) ** 2 - 1.0))
+        lam[:, ell, mm] = a[None, :] * (
+            x[:, None] * lam[:, ell - 1, mm] - b[None, :] * lam[:, ell - 2, mm]
+        )
+    return lam
+
+
+@functools.lru_cache(maxsize=16)
+def _ring_tables_np(nside: int, lmax: int):
+    """Host tables for the ring backend (float64, read-only).
+
+    Returns ``index`` (nrings, maxlen) int32 pixel index per ring slot (padding → pixel 0),
+    ``phase`` (nrings, maxlen, 2(lmax+1)) = [cos mφ, −sin mφ] with zeros in padding slots, and
+    ``lam`` (nrings, lmax+1, lmax+1) = (4π/Npix)·λ_ℓm(θ_r).
+    """
+    npix = 12 * nside * nside
+    rings = np.arange(1, 4 * nside)
+    start, length, cos_theta, _, _ = hp.ringinfo(nside, rings)
+    maxlen = 4 * nside
+    slot = np.arange(maxlen)
+    valid = slot[None, :] < length[:, None]
+    index = np.where(valid, start[:, None] + slot[None, :], 0).astype(np.int32)
+    _, phi = hp.pix2ang(nside, index.ravel())
+    mphi = phi.reshape(index.shape)[..., None] * np.arange(lmax + 1)[None, None, :]
+    phase = np.concatenate([np.cos(mphi), -np.sin(mphi)], axis=-1) * valid[..., None]
+    lam = _legendre_table(cos_theta, lmax) * (_FOUR_PI / npix)
+    for arr in (index, phase, lam):
+        arr.setflags(write=False)
+    return index, phase, lam
+
+
+@functools.lru_cache(maxsize=16)
+def _ring_tables(nside: int, lmax: int, dtype: np.dtype):
+    """Device copies of :func:`_ring_tables_np` in the maps' dtype (immutable constants)."""
+    index, phase, lam = _ring_tables_np(nside, lmax)
+    return jnp.asarray(index), jnp.asarray(phase, dtype=dtype), jnp.asarray(lam, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_ylm_np(nside: int, lmax: int):
+    """Real orthonormal Y_ℓm at the pixel centres, (npix, (lmax+1)²), scaled by 4π/Npix, and ℓ per column."""
+    npix = 12 * nside * nside
+    theta, phi = hp.pix2ang(nside, np.arange(npix))
+    lam = _legendre_table(np.cos(theta), lmax)  # (npix, L, L)
+    cols, ells = [], []
+    for ell in range(lmax + 1):
+        cols.append(lam[:, ell, 0])
+        ells.append(ell)
+        for m in range(1, ell + 1):
+            cols.append(math.sqrt(2.0) * lam[:, ell, m] * np.cos(m * phi))
+            cols.append(math.sqrt(2.0) * lam[:, ell, m] * np.sin(m * phi))
+            ells += [ell, ell]
+    ylm = np.stack(cols, axis=-1) * (_FOUR_PI / npix)
+    return ylm, np.asarray(ells, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# power spectrum
+
+
+@jax.jit
+def _ring_cl(maps: Float[Array, "b npix"], index, phase, lam) -> Float[Array, "b L"]:
+    L = lam.shape[-1]
+    x = maps[:, index]  # (b, rings, maxlen); padding slots meet zero phases
+    f = jnp.einsum("brj,rjk->brk", x, phase)  # (b, rings, 2L): Re F_m, Im F_m
+    f = jnp.reshape(f, f.shape[:2] + (2, L))
+    a = jnp.einsum("brkm,rlm->bklm", f, lam)  # Re/Im a_ℓm, (b, 2, L [ℓ], L [m])
+    w = jnp.concatenate([jnp.ones((1,), maps.dtype), jnp.full((L - 1,), 2.0, maps.dtype)])
+    ell = jnp.arange(L, dtype=maps.dtype)
+    return jnp.einsum("bklm,m->bl", a * a, w) / (2.0 * ell + 1.0)[None, :]
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _dense_cl(maps: Float[Array, "b npix"], ylm, lmax: int) -> Float[Array, "b L"]:
+    a = maps @ ylm  # (b, (lmax+1)²) real-basis coefficients
+    ells = jnp.repeat(jnp.arange(lmax + 1), 2 * jnp.arange(lmax + 1) + 1, total_repeat_length=ylm.shape[1])
+    s = jax.ops.segment_sum((a * a).T, ells, num_segments=lmax + 1).T
+    return s / (2.0 * jnp.arange(lmax + 1, dtype=maps.dtype) + 1.0)[None, :]
+
+
+def power_spectrum(
+    maps: Float[ArrayLike, "... npix"],
+    *,
+    lmax: int | None = None,
+    mask: Float[ArrayLike, "... npix"] | None = None,
+    method: str = "ring",
+) -> Float[Array, "... lmax+1"]:
+    """Angular power spectrum C_ℓ, ℓ = 0…ℓmax, of HEALPix (RING) maps — the seed's (2.2).
+
+    a_ℓm = (4π/Npix) Σ_i m_i Y*_ℓm(p̂_i), C_ℓ = Σ_m |a_ℓm|²/(2ℓ+1): identical to
+    ``healpy.anafast(m, iter=0)`` (equal-area weights, no ring weights). Units: those of the map
+    squared (δI is dimensionless).
+
+    Args:
+        maps: ``(..., npix)`` with npix = 12·nside²; any leading batch shape. float32 maps give
+            float32 spectra; everything else is computed in float64.
+        lmax: highest multipole (default 3·nside − 1). Larger values are exact transforms of the
+            pixel values (as anafast) but aliased, see the module docstring.
+        mask: optional ``(..., npix)`` weight (binary or apodised) multiplied into the maps first:
+            the result is the raw pseudo-C_ℓ of the masked sky, as ``anafast(m * mask, iter=0)``
+            (divide by :func:`sky_fraction` for a rough full-sky level). Leading axes broadcast.
+        method: ``"ring"`` (default, fast) or ``"dense"`` (real-Y_ℓm matrix; a cross-check).
+
+    Returns:
+        ``(..., lmax+1)``. Jittable (``lmax``/``method`` static) and differentiable in the maps
+        and the mask.
+    """
+    maps = jnp.asarray(maps)
+    nside = _map_nside(maps, "maps")
+    lmax = _check_lmax(lmax, nside)
+    if method not in ("ring", "dense"):
+        raise ValueError(f"method must be 'ring' or 'dense'; got {method!r}")
+    check_finite("maps", maps)
+    dtype = _float_dtype(maps)
+    maps = maps.astype(dtype)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim < 1 or mask.shape[-1] != maps.shape[-1] or mask.ndim > maps.ndim:
+            raise ValueError(
+                f"mask must have shape (..., {maps.shape[-1]}) broadcastable to the maps' shape "
+                f"{maps.shape}; got {mask.shape}"
+            )
+        check_finite("mask", mask)
+        mask = _expand_to(mask.astype(dtype), maps.ndim)
+        try:
+            shape = jnp.broadcast_shapes(maps.shape, mask.shape)
+        except ValueError:
+            raise ValueError(
+                f"mask shape {mask.shape} does not broadcast against the maps' shape {maps.shape}"
+            ) from None
+        maps = jnp.broadcast_to(maps, shape) * jnp.broadcast_to(mask, shape)
+    batch = maps.shape[:-1]
+    flat = jnp.reshape(maps, (-1, maps.shape[-1]))
+    if method == "ring":
+        cl = _ring_cl(flat, *_ring_tables(nside, lmax, np.dtype(dtype)))
+    else:
+        ylm, _ = _dense_ylm_np(nside, lmax)
+        cl = _dense_cl(flat, jnp.asarray(ylm, dtype=dtype), lmax)
+    return jnp.reshape(cl, batch + (lmax + 1,))
+
+
+def declination_band_mask(
+    nside: int,
+    dec_min: float,
+    dec_max: float,
+    *,
+    pole: Float[ArrayLike, "3"] = (0.0, 0.0, 1.0),
+    dtype=None,
+) -> Float[Array, "npix"]:
+    """Binary sky mask: 1 where the *arrival* direction's declination lies in [dec_min, dec_max].
+
+    A ground observatory sees a declination band (seed Fig. 1: IceCube the south, e.g. −90°…−20°;
+    HAWC the north, e.g. −30°…+70°). Pixel i is the momentum direction p̂_i, the arrival direction
+    is −p̂_i, so sin(dec_i) = −p̂_i·n̂ with n̂ = ``pole`` the celestial north pole in the
+    simulation frame (normalised here). Degrees. Shape (12·nside²,).
+    """
+    from .sky import healpix_directions
+
+    for name, v in (("dec_min", dec_min), ("dec_max", dec_max)):
+        if not isinstance(v, numbers.Real) or not -90.0 <= v <= 90.0:
+            raise ValueError(f"{name} must be a declination in degrees within [-90, 90]; got {v!r}")
+    if not dec_min < dec_max:
+        raise ValueError(f"dec_min must be < dec_max; got dec_min={dec_min}, dec_max={dec_max}")
+    n = np.asarray(pole, dtype=np.float64)
+    if n.shape != (3,) or not np.all(np.isfinite(n)) or np.linalg.norm(n) == 0:
+        raise ValueError(f"pole must be a finite non-zero 3-vector; got {pole!r}")
+    n = n / np.linalg.norm(n)
+    p = np.asarray(healpix_directions(nside), dtype=np.float64)
+    dec = np.degrees(np.arcsin(np.clip(-(p @ n), -1.0, 1.0)))
+    return jnp.asarray((dec >= dec_min) & (dec <= dec_max), dtype=dtype or jnp.result_type(float))
+
+
+def sky_fraction(mask: Float[ArrayLike, "npix"]) -> Float[Array, ""]:
+    """f_sky = mean of mask² over pixels: the usual first-order pseudo-C_ℓ correction ⟨C̃_ℓ⟩ ≈ f_sky C_ℓ."""
+    mask = jnp.asarray(mask)
+    return jnp.mean(mask * mask, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# relative intensity
+
+
+def relative_intensity(
+    positions: Float[ArrayLike, "... npix 3"],
+    g: Float[ArrayLike, "3"],
+    *,
+    velocities: Float[ArrayLike, "... npix 3"] | None = None,
+    K: Float[ArrayLike, "... 3 3"] | None = None,
+) -> Float[Array, "... npix"]:
+    """Relative intensity δI(p̂) = r(−T; p̂)·g [− 3 p̂(−T)·K·g] — the seed's (2.1) with δf(−T) dropped.
+
+    Args:
+        positions: backtracked positions r(−T; p̂_i), ``(..., npix, 3)`` in units of Lc (e.g.
+            ``Trajectory.positions``, ``(nreal, ntimes, npix, 3)``); pixel i = momentum p̂_i.
+        g: ∇n/n, ``(3,)`` in 1/Lc (its magnitude scales δI linearly, C_ℓ quadratically).
+        velocities: optional *backtracking* velocities ``(..., npix, 3)`` as in
+            ``Trajectory.velocities``: the antiparticle's velocity, i.e. −p̂(−T) (crjax integrates
+            the antiparticle forward). Given together with ``K``, the (2.1) term −3 p̂(−T)·K·g
+            = +3 v·K·g is added (it stays bounded while r·g grows ∝ √T).
+        K: diffusion tensor ``(3, 3)`` or ``(..., 3, 3)`` whose leading axes match ``positions``'
+            leading axes (without the pixel axis), e.g. ``(ntimes, 3, 3)``. In Lc (c = 1).
+
+    Returns:
+        Maps ``(..., npix)`` (dimensionless).
+    """
+    r = jnp.asarray(positions)
+    g = jnp.asarray(g)
+    if r.ndim < 2 or r.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (..., npix, 3); got {r.shape}")
+    _map_nside(r[..., 0], "positions")
+    if g.shape != (3,):
+        raise ValueError(f"g must be a 3-vector (shape (3,)); got shape {g.shape}")
+    check_finite("g", g)
+    if (velocities is None) != (K is None):
+        raise ValueError("velocities and K must be given together (the −3 p̂(−T)·K·g term needs both)")
+    dtype = jnp.result_type(_float_dtype(r), _float_dtype(g))
+    di = r.astype(dtype) @ g.astype(dtype)
+    if velocities is not None:
+        v = jnp.asarray(velocities, dtype=dtype)
+        if v.shape != r.shape:
+            raise ValueError(f"velocities must have the positions' shape {r.shape}; got {v.shape}")
+        K = jnp.asarray(K, dtype=dtype)
+        if K.ndim < 2 or K.shape[-2:] != (3, 3) or K.ndim - 2 > r.ndim - 2:
+            raise ValueError(f"K must have shape (3, 3) or (..., 3, 3) with ... ⊆ {r.shape[:-2]}; got {K.shape}")
+        Kg = K @ g.astype(dtype)  # (..., 3)
+        Kg = _expand_to(Kg[..., None, :], r.ndim)  # broadcast over the pixel axis
+        try:
+            jnp.broadcast_shapes(Kg.shape, r.shape)
+        except ValueError:
+            raise ValueError(f"K shape {K.shape} does not match the positions' leading axes {r.shape[:-2]}") from None
+        di = di + 3.0 * jnp.sum(v * jnp.broadcast_to(Kg, r.shape), axis=-1)
+    return di
+
+
+# ---------------------------------------------------------------------------------------------
+# ensemble statistics
+
+
+def mean_power_spectrum(
+    maps: Float[ArrayLike, "nreal ... npix"], *, lmax: int | None = None, mask=None
+) -> tuple[Float[Array, "... lmax+1"], Float[Array, "... lmax+1"]]:
+    """Ensemble-averaged ⟨C_ℓ⟩ over the leading realisation axis and its standard error (ddof=1).
+
+    The seed's Fig. 2 black/green/blue lines. Returns ``(mean, stderr)``, each ``(..., lmax+1)``.
+    """
+    cl = power_spectrum(maps, lmax=lmax, mask=mask)
+    return _mean_and_sem(cl, "maps")
+
+
+def _mean_and_sem(x: Array, name: str):
+    n = x.shape[0] if x.ndim else 0
+    if n < 2:
+        raise ValueError(f"{name} needs a leading realisation axis of length >= 2; got shape {x.shape}")
+    mean = jnp.mean(x, axis=0)
+    return mean, jnp.sqrt(jnp.var(x, axis=0, ddof=1) / n)
+
+
+def standard_dipole(maps: Float[ArrayLike, "nreal ... npix"], *, mask=None) -> Float[Array, "..."]:
+    """C_1 of the ensemble-averaged map (realisations on the leading axis): the seed's
+    "standard diffusion" dipole (Fig. 2 magenta), i.e. ⟨r1 r2⟩ → ⟨r1⟩⟨r2⟩; compare eq. (1.1).
+    """
+    maps = jnp.asarray(maps)
+    if maps.ndim < 2:
+        raise ValueError(f"maps must have shape (nreal, ..., npix); got {maps.shape}")
+    return power_spectrum(jnp.mean(maps, axis=0), lmax=1, mask=mask)[..., 1]
+
+
+def noise_level(
+    K: Float[ArrayLike, "... 3 3"],
+    T: Float[ArrayLike, "..."],
+    g: Float[ArrayLike, "3"],
+    npix: int,
+) -> Float[Array, "..."]:
+    """Shot-noise level N = (4π/Npix) · 2T · g·K·g — the seed's (3.1).
+
+    ``K`` ``(..., 3, 3)`` (e.g. ``(ntimes, 3, 3)``), ``T`` broadcastable to ``K``'s leading axes
+    (e.g. the save times ``(ntimes,)``), ``g`` ``(3,)``. Only K's symmetric part contributes.
+    """
+    K = jnp.asarray(K)
+    g = jnp.asarray(g)
+    T = jnp.asarray(T)
+    if K.ndim < 2 or K.shape[-2:] != (3, 3):
+        raise ValueError(f"K must have shape (..., 3, 3); got {K.shape}")
+    if g.shape != (3,):
+        raise ValueError(f"g must be a 3-vector (shape (3,)); got shape {g.shape}")
+    check_int_at_least("npix", npix, 12)
+    npix_to_nside(npix)
+    if is_concrete(T) and np.any(np.asarray(T) < 0):
+        raise ValueError(f"T must be >= 0 (allowed range: [0, inf)); got {T!r}")
+    gKg = jnp.einsum("...ij,i,j->...", K, g, g)
+    T = _expand_to(T, gKg.ndim) if T.ndim <= gKg.ndim else T
+    return (_FOUR_PI / npix) * 2.0 * T * gKg
+
+
+class SpectrumEstimate(NamedTuple):
+    """The seed's Fig. 3 quantities, each ``(..., lmax+1)``."""
+
+    mean: Array  # ⟨C_ℓ⟩ over realisations
+    noise: Array  # N (3.1), broadcast to ℓ
+    estimate: Array  # Ĉ_ℓ = ⟨C_ℓ⟩ − N
+    variance: Array  # variance of Ĉ_ℓ: var_realisations(C_ℓ)/nreal (N taken as exact)
+
+
+def spectrum_estimator(
+    cls: Float[ArrayLike, "nreal ... L"], noise: Float[ArrayLike, "..."]
+) -> SpectrumEstimate:
+    """Ĉ_ℓ = ⟨C_ℓ⟩ − N with its variance over realisations (seed §3, Fig. 3).
+
+    ``cls``: per-realisation spectra, realisations on the leading axis (≥ 2). ``noise``: N from
+    :func:`noise_level`, shape ``cls.shape[1:-1]`` or broadcastable to it (e.g. ``(ntimes,)``).
+    The variance is that of the mean, var(C_ℓ)/nreal with ddof = 1; N's own error is neglected.
+    """
+    cls = jnp.asarray(cls)
+    mean, sem = _mean_and_sem(cls, "cls")
+    noise = jnp.asarray(noise, dtype=mean.dtype)
+    if noise.ndim > mean.ndim - 1:
+        raise ValueError(f"noise must have shape {mean.shape[:-1]} (one value per spectrum); got {noise.shape}")
+    noise_l = jnp.broadcast_to(_expand_to(noise, mean.ndim - 1)[..., None], mean.shape)
+    return SpectrumEstimate(mean, noise_l, mean - noise_l, sem * sem)
