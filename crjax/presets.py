@@ -1,0 +1,207 @@
+"""Run presets for the main job: the seed's §3 setup (``paper``), a CPU-sized ``quick`` version and a
+``tiny`` smoke-test size. Each is a frozen dataclass of plain numbers, so it is hashable, printable and
+goes into ``params.json`` verbatim; :meth:`Preset.field_params` builds the :class:`crjax.field.FieldParams`.
+
+Units (physics.md §1): c = v = 1, Lc = 1, |B0| = 1, Ω = 1/rL; save times are given as tΩ = t/rL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._checks import (
+    check_int_at_least,
+    check_nside,
+    check_open_interval,
+    check_positive,
+    check_sorted_times,
+)
+
+__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "paper_2015_field", "PRESETS"]
+
+
+def _log_times(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    return tuple(float(t) for t in np.geomspace(lo, hi, n))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that fixes a reproduction run (seed §3).
+
+    Field: ``sigma2`` = ⟨δB²⟩/B0², bend-over scale ``Lc``, wavelengths ``lmin``..``lmax`` (units of Lc),
+    spectral index ``gamma`` (G_n = k³/(1+(kLc)^γ)), ``n_modes`` harmonic modes, ``geometry``.
+    Particles: HEALPix ``nside`` (Npix = 12 nside² momentum directions), gyroradius ``rL`` (in Lc),
+    save times ``t_omega`` (tΩ), ``solver`` and step ``dt`` (None: the backtracker's default rL/20).
+    Ensemble: ``n_realisations`` field realisations, computed ``chunk_size`` at a time; realisation r
+    uses ``fold_in(PRNGKey(seed), r)``. Observables: multipoles up to ``ell_max``; gradient
+    ``|g| = grad`` along B0 (∥) and ⊥ B0; Fig. 3 at ``fig3_t_omega``; p is fitted to Ĉ_ℓ/Ĉ_1 for
+    ``1 <= ℓ <= fit_ell_max`` at the last save time.
+    """
+
+    name: str
+    nside: int
+    n_realisations: int
+    chunk_size: int
+    t_omega: tuple[float, ...]
+    fig3_t_omega: tuple[float, ...]
+    sigma2: float = 1.0
+    Lc: float = 1.0
+    lmin: float = 0.01
+    lmax: float = 100.0
+    gamma: float = 11.0 / 3.0
+    n_modes: int = 256
+    geometry: str = "isotropic"
+    b0_direction: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    rL: float = 0.1
+    solver: str = "boris"
+    dt: float | None = None
+    seed: int = 20151102
+    ell_max: int = 9
+    fit_ell_max: int = 9
+    grad: float = 1.0
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        check_nside(self.nside)
+        check_int_at_least("n_realisations", self.n_realisations, 2)  # an ensemble needs a spread
+        check_int_at_least("chunk_size", self.chunk_size, 1)
+        check_int_at_least("n_modes", self.n_modes, 1)
+        check_int_at_least("ell_max", self.ell_max, 2)
+        check_int_at_least("fit_ell_max", self.fit_ell_max, 2)
+        if self.fit_ell_max > self.ell_max:
+            raise ValueError(f"fit_ell_max must be <= ell_max={self.ell_max}; got {self.fit_ell_max}")
+        if self.ell_max > 3 * self.nside - 1:
+            raise ValueError(
+                f"ell_max must be <= 3*nside-1 = {3 * self.nside - 1} (HEALPix band limit); "
+                f"got {self.ell_max}"
+            )
+        for name in ("sigma2", "Lc", "lmin", "lmax", "gamma", "rL", "grad"):
+            if name == "sigma2":
+                if not (np.isfinite(self.sigma2) and self.sigma2 >= 0):
+                    raise ValueError(f"sigma2 must be finite and >= 0; got {self.sigma2!r}")
+                continue
+            check_positive(name, getattr(self, name))
+        if self.lmin >= self.lmax:
+            raise ValueError(f"lmin must be < lmax; got lmin={self.lmin}, lmax={self.lmax}")
+        if self.dt is not None:
+            check_open_interval("dt", self.dt, 0.0, self.rL)
+        check_sorted_times("t_omega", np.asarray(self.t_omega))
+        if len(self.fig3_t_omega) != 3 or any(t not in self.t_omega for t in self.fig3_t_omega):
+            raise ValueError("fig3_t_omega must be three of the save times t_omega")
+        if self.geometry not in ("isotropic", "slab"):
+            raise ValueError(f"geometry must be 'isotropic' or 'slab'; got {self.geometry!r}")
+        if self.solver not in ("boris", "tsit5", "dopri8"):
+            raise ValueError(f"solver must be 'boris', 'tsit5' or 'dopri8'; got {self.solver!r}")
+
+    @property
+    def times(self) -> np.ndarray:
+        """Save times t = tΩ · rL (units of Lc/c), shape (ntimes,)."""
+        return np.asarray(self.t_omega) * self.rL
+
+    @property
+    def npix(self) -> int:
+        return 12 * self.nside**2
+
+    def replace(self, **changes) -> Preset:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-able parameters (what ``params.json`` stores and resumption compares)."""
+        d = dataclasses.asdict(self)
+        d.pop("note")
+        return d
+
+    def field_params(self):
+        """The :class:`crjax.field.FieldParams` of this preset."""
+        from .field import FieldParams
+
+        return FieldParams(
+            sigma2=self.sigma2,
+            Lc=self.Lc,
+            lmin=self.lmin,
+            lmax=self.lmax,
+            b0=1.0,
+            b0_direction=self.b0_direction,
+            spectrum=_spectrum(self.gamma),
+            geometry=self.geometry,
+            n_modes=self.n_modes,
+        )
+
+
+def _spectrum(gamma: float):
+    from .field import KolmogorovSpectrum
+
+    return KolmogorovSpectrum(gamma=gamma)
+
+
+def paper() -> Preset:
+    """The seed's §3 simulation: nside 32 (12288 directions), 120 realisations, σ² = 1,
+    rL = 0.1 Lc, λ = 0.01–100 Lc, γ = 11/3, 256 modes (the seed does not state N; physics.md §2),
+    tΩ up to 1000 (its Fig. 2). Meant for a GPU; runs (slowly) on CPU and resumes."""
+    return Preset(
+        name="paper",
+        nside=32,
+        n_realisations=120,
+        chunk_size=4,
+        t_omega=_log_times(1.0, 1000.0, 25),
+        fig3_t_omega=(_log_times(1.0, 1000.0, 25)[16], _log_times(1.0, 1000.0, 25)[20], 1000.0),
+        ell_max=20,
+        fit_ell_max=9,
+        note="seed §3 (Ahlers & Mertsch 2015): Figs. 2-3",
+    )
+
+
+def quick() -> Preset:
+    """The seed's physics (σ² = 1, rL = 0.1 Lc, λ 0.01–100 Lc, γ = 11/3) at CPU size: nside 8
+    (768 directions), 8 realisations, 128 modes, tΩ from 1 to 200. Finishes in a few minutes on
+    2 CPU cores; its Ĉ_ℓ at ℓ ≳ 5 are noise-dominated (N ∝ 1/Npix), say so when quoting it."""
+    t = _log_times(1.0, 200.0, 13)
+    return Preset(
+        name="quick",
+        nside=8,
+        n_realisations=8,
+        chunk_size=2,
+        n_modes=128,
+        t_omega=t,
+        fig3_t_omega=(t[8], t[10], t[12]),
+        ell_max=12,
+        fit_ell_max=9,
+        note="seed §3 physics at CPU size",
+    )
+
+
+def tiny() -> Preset:
+    """Smoke-test size (tests, notebooks with CRJAX_TINY=1): nside 2, 3 realisations, 8 modes,
+    tΩ ≤ 8. Exercises every code path; its numbers mean nothing physically."""
+    t = (1.0, 2.0, 4.0, 8.0)
+    return Preset(
+        name="tiny",
+        nside=2,
+        n_realisations=3,
+        chunk_size=2,
+        n_modes=8,
+        t_omega=t,
+        fig3_t_omega=t[1:],
+        ell_max=5,
+        fit_ell_max=5,
+        note="smoke test only",
+    )
+
+
+PRESETS = {"paper": paper, "quick": quick, "tiny": tiny}
+
+
+def get_preset(name: str) -> Preset:
+    """Preset by name: 'quick', 'paper' or 'tiny'."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+    return PRESETS[name]()
+
+
+def paper_2015_field():
+    """The seed's field (§3): σ² = 1, λ 0.01–100 Lc, γ = 11/3, 256 modes, as FieldParams."""
+    return paper().field_params()
