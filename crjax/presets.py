@@ -20,7 +20,7 @@ from ._checks import (
     check_sorted_times,
 )
 
-__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "paper_2015_field", "PRESETS"]
+__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "PRESETS"]
 
 
 def _log_times(lo: float, hi: float, n: int) -> tuple[float, ...]:
@@ -201,7 +201,3 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
     return PRESETS[name]()
 
-
-def paper_2015_field():
-    """The seed's field (§3): σ² = 1, λ 0.01–100 Lc, γ = 11/3, 256 modes, as FieldParams."""
-    return paper().field_params()
