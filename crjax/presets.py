@@ -38,7 +38,7 @@ class Preset:
     Ensemble: ``n_realisations`` field realisations, computed ``chunk_size`` at a time; realisation r
     uses ``fold_in(PRNGKey(seed), r)``. Observables: multipoles up to ``ell_max``; gradient
     ``|g| = grad`` along B0 (∥) and ⊥ B0; Fig. 3 at ``fig3_t_omega``; p is fitted to Ĉ_ℓ/Ĉ_1 for
-    ``1 <= ℓ <= fit_ell_max`` at the last save time.
+    ``1 <= ℓ <= fit_ell_max`` at the last save time. ``dtype``: "float64" (default) or "float32".
     """
 
     name: str
@@ -62,6 +62,7 @@ class Preset:
     ell_max: int = 9
     fit_ell_max: int = 9
     grad: float = 1.0
+    dtype: str = "float64"
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class Preset:
             raise ValueError("fig3_t_omega must be three of the save times t_omega")
         if self.geometry not in ("isotropic", "slab"):
             raise ValueError(f"geometry must be 'isotropic' or 'slab'; got {self.geometry!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32'; got {self.dtype!r}")
         if self.solver not in ("boris", "tsit5", "dopri8"):
             raise ValueError(f"solver must be 'boris', 'tsit5' or 'dopri8'; got {self.solver!r}")
 
@@ -114,6 +117,13 @@ class Preset:
         d = dataclasses.asdict(self)
         d.pop("note")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preset:
+        """Inverse of :meth:`to_dict` (e.g. from a run's ``params.json``); unknown keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kw)
 
     def field_params(self):
         """The :class:`crjax.field.FieldParams` of this preset."""

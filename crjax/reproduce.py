@@ -1,0 +1,366 @@
+"""The main job: the seed's §3 pipeline end to end, resumable.
+
+    simulate   realisations r = 0..n−1 (key fold_in(PRNGKey(seed), r)), chunk by chunk
+               (``crjax.backtrack.run_ensemble``); each chunk is reduced on the device to small
+               per-realisation summaries and written atomically (``crjax.results.RunStore``):
+               C_ℓ(T) for g ∥ B0 and g ⊥ B0, the diffusion-tensor moments, relative diffusion K̃,
+               the chunk's summed δI maps (for the standard-diffusion dipole) and one sky map.
+    analyse    ⟨C_ℓ⟩(T), K(T) → K_∥, K_⊥, noise N(T) (3.1), Ĉ_ℓ = ⟨C_ℓ⟩ − N with its variance,
+               the standard-diffusion dipole, convergence of Ĉ_ℓ/Ĉ_1, and the fit of the BGK
+               exponent p (4.7) to Ĉ_ℓ/Ĉ_1 at the last save time.
+    figures    fig2.png, fig3.png, skymap.png (``crjax.plot``).
+
+Every physics step is a call into the library (field, backtrack, transport, angular, theory,
+inference.fit); this module only wires them and does bookkeeping.
+
+Convergence criterion (``summary["converged"]``): with R_ℓ(T) = Ĉ_ℓ/Ĉ_1, compare R_ℓ at the last
+save time T_last with R_ℓ at the latest save time T_prev ≤ T_last/2 for 2 ≤ ℓ ≤ fit_ell_max:
+χ² = Σ_ℓ (ΔR_ℓ)²/(σ²_ℓ(T_last) + σ²_ℓ(T_prev)) must not exceed the 95% quantile of χ²(n_ℓ), i.e.
+the change over the last factor of two in backtracking time is consistent with zero within the
+statistical error over realisations (σ from the delta method on per-realisation C_ℓ, N taken as
+exact). With few realisations σ is large and the test is weak: the summary also reports the largest
+relative change max|ΔR_ℓ|/|R_ℓ|. Correlations between the two times are ignored (they share the
+realisations, which makes the test conservative).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from . import angular
+from .presets import Preset, get_preset
+from .results import RunStore, read_summary, to_jsonable
+
+__all__ = [
+    "gradient_directions",
+    "simulate",
+    "analyse",
+    "make_figures",
+    "plot_run",
+    "reproduce",
+    "format_summary",
+    "CONVERGENCE_SPAN",
+]
+
+CONVERGENCE_SPAN = 2.0  # compare Ĉ_ℓ/Ĉ_1 at T_last with the save time ≤ T_last / CONVERGENCE_SPAN
+
+
+def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+    """g ∥ B0 and g ⊥ B0, each of magnitude ``preset.grad`` (1/Lc), shape (3,).
+
+    The perpendicular one is x̂ made orthogonal to b̂0 (ŷ if b̂0 ∥ x̂)."""
+    b = np.asarray(preset.b0_direction, dtype=float)
+    b = b / np.linalg.norm(b)
+    e = np.array([1.0, 0.0, 0.0]) if abs(b[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e = e - (e @ b) * b
+    return preset.grad * b, preset.grad * e / np.linalg.norm(e)
+
+
+@functools.lru_cache(maxsize=None)
+def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
+    """Per-chunk reducer (runs inside the ensemble jit). Cached: one function object per setup,
+    because ``run_ensemble`` treats it as a static argument (a new object would recompile)."""
+    from . import transport
+
+    gp, gq = jnp.asarray(g_par), jnp.asarray(g_perp)
+
+    def reduce(traj):
+        pos = traj.positions  # (c, nt, npix, 3)
+        maps_par = angular.relative_intensity(pos, gp)  # (c, nt, npix)
+        maps_perp = angular.relative_intensity(pos, gq)
+        return {
+            "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
+            "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
+            "K": jax.vmap(lambda x: transport.diffusion_tensor(x, traj.times[0])[0])(pos),
+            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, traj.times[0])[0])(pos),
+            "maps_par": maps_par,
+            "maps_perp": maps_perp,
+        }
+
+    return reduce
+
+
+def _run_params(preset: Preset) -> dict[str, Any]:
+    p = preset.to_dict()
+    p["n_items"] = preset.n_realisations  # the store's names for the ensemble size / chunking
+    return p
+
+
+def simulate(
+    preset: Preset, out: str | Path, *, resume: bool = True, progress: bool = True
+) -> tuple[RunStore, dict[str, np.ndarray]]:
+    """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
+
+    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``K``, ``Ktilde`` (n, nt, 3, 3) per
+    realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the last save time; ``sum_maps_par``,
+    ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for the standard-diffusion dipole).
+    """
+    from .backtrack import run_ensemble
+    from .sky import healpix_directions
+
+    store = RunStore.open(out, _run_params(preset), resume=resume)
+    g_par, g_perp = gradient_directions(preset)
+    reducer = _reducer(tuple(g_par), tuple(g_perp), preset.ell_max)
+    fparams = preset.field_params()
+    key = jax.random.PRNGKey(preset.seed)
+    dirs = healpix_directions(preset.nside, dtype=preset.dtype)
+    times = jnp.asarray(preset.times)
+    # Build angular's cached C_ℓ tables outside the ensemble jit: a first call under jit would
+    # cache traced constants (angular caches device arrays per (nside, lmax, dtype)).
+    angular.power_spectrum(jnp.zeros(preset.npix, dtype=preset.dtype), lmax=preset.ell_max)
+
+    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+        # Always a full chunk (the short last one is padded with realisations beyond n and cut):
+        # one compiled shape for the whole run, and every chunk identical to an uninterrupted run.
+        size = preset.chunk_size
+        red = run_ensemble(
+            fparams, key, start + size, dirs, times, rL=preset.rL, chunk_size=size, start=start,
+            reducer=reducer, solver=preset.solver, dt=preset.dt, dtype=jnp.dtype(preset.dtype),
+        )
+        red = {k: np.asarray(v)[: stop - start] for k, v in red.items()}
+        mp, mq = red.pop("maps_par"), red.pop("maps_perp")
+        red["sky_par"], red["sky_perp"] = mp[:, -1], mq[:, -1]
+        red["sum_maps_par"], red["sum_maps_perp"] = mp.sum(0)[None], mq.sum(0)[None]
+        return red
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=preset.n_realisations, unit="real", desc=f"crjax {preset.name}",
+                   dynamic_ncols=True)
+    try:
+        chunks = store.run(compute, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    return store, chunks
+
+
+def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
+    """R_ℓ = Ĉ_ℓ/Ĉ_1 and its 1σ error by the delta method over realisations.
+
+    ``cls`` (n, nt, L+1) per-realisation spectra, ``noise`` (nt,). N is taken as exact, so
+    Var(R) ≈ [Var C_ℓ − 2R Cov(C_ℓ, C_1) + R² Var C_1] / (n Ĉ_1²)."""
+    n = cls.shape[0]
+    chat = cls.mean(0) - noise[:, None]
+    c1 = chat[:, 1:2]
+    r = chat / c1
+    d = cls - cls.mean(0)
+    var = (d * d).sum(0) / (n - 1)
+    cov1 = (d * d[..., 1:2]).sum(0) / (n - 1)
+    v1 = var[:, 1:2]
+    var_r = (var - 2 * r * cov1 + r * r * v1) / (n * c1 * c1)
+    return r, np.sqrt(np.maximum(var_r, 0.0))
+
+
+def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: int) -> dict:
+    """The documented criterion (module docstring) on R_ℓ, 2 ≤ ℓ ≤ ell_hi."""
+    last = len(t_omega) - 1
+    prev = np.flatnonzero(t_omega <= t_omega[-1] / CONVERGENCE_SPAN)
+    if prev.size == 0:
+        return {"converged": False, "chi2": None, "dof": 0, "max_rel_change": None,
+                "t_omega_compared": [float(t_omega[-1]), None]}
+    prev = int(prev[-1])
+    sl = slice(2, ell_hi + 1)
+    dr = r[last, sl] - r[prev, sl]
+    s2 = err[last, sl] ** 2 + err[prev, sl] ** 2
+    chi2 = float(np.sum(dr * dr / s2))
+    dof = int(dr.size)
+    return {
+        "converged": bool(np.isfinite(chi2) and chi2 <= stats.chi2.ppf(0.95, dof)),
+        "chi2": chi2,
+        "dof": dof,
+        "max_rel_change": float(np.max(np.abs(dr) / np.abs(r[last, sl]))),
+        "t_omega_compared": [float(t_omega[prev]), float(t_omega[last])],
+    }
+
+
+def _fit_p(ell: np.ndarray, ratio: np.ndarray, err: np.ndarray) -> dict:
+    """Fit the BGK exponent p to Ĉ_ℓ/Ĉ_1 (``inference.fit``); returns best fit and 68% interval."""
+    from inference import fit
+
+    res = fit.fit_ratio(ell, ratio, err)
+    return {"p_best": float(res.p), "p_interval": [float(res.p_lo), float(res.p_hi)]}
+
+
+def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
+    """Ensemble statistics, convergence and the fit of p. Returns ``(arrays, summary)``:
+    ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``."""
+    from . import transport
+    from .theory import bgk_spectrum
+
+    g_par, g_perp = gradient_directions(preset)
+    times, t_omega = preset.times, np.asarray(preset.t_omega)
+    n = preset.n_realisations
+    K = chunks["K"].mean(0)  # (nt, 3, 3): ensemble mean of per-realisation K
+    K_se = chunks["K"].std(0, ddof=1) / math.sqrt(n)
+    Kt = chunks["Ktilde"].mean(0)
+    b0 = np.asarray(preset.b0_direction, dtype=float)
+    K_par, K_perp = (np.asarray(x) for x in transport.parallel_perpendicular(K, b0))
+    Kp_r, Kq_r = (np.asarray(x) for x in transport.parallel_perpendicular(chunks["K"], b0))
+    arrays: dict[str, Any] = {
+        "t_omega": t_omega, "times": times, "K": K, "K_stderr": K_se, "Ktilde": Kt,
+        "K_par": K_par, "K_perp": K_perp,
+        "K_par_stderr": Kp_r.std(0, ddof=1) / math.sqrt(n),
+        "K_perp_stderr": Kq_r.std(0, ddof=1) / math.sqrt(n),
+        "g_par": g_par, "g_perp": g_perp,
+        "sky_par": chunks["sky_par"][0], "sky_perp": chunks["sky_perp"][0],
+    }
+    summary: dict[str, Any] = {"preset": preset.name}
+    fit_ell = np.arange(1, preset.fit_ell_max + 1)
+    for side, g in (("par", g_par), ("perp", g_perp)):
+        cls = chunks[f"cl_{side}"]
+        noise = np.asarray(angular.noise_level(K, times, g, preset.npix))
+        est = angular.spectrum_estimator(cls, noise)
+        mean_map = chunks[f"sum_maps_{side}"].sum(0) / n  # (nt, npix) = ⟨r⟩·g
+        dip = np.asarray(angular.standard_dipole(mean_map[None]))
+        ratio, rerr = _ratio_and_error(cls, noise)
+        arrays.update({
+            f"cl_{side}": np.asarray(est.mean), f"cl_{side}_realisations": cls,
+            f"noise_{side}": noise, f"chat_{side}": np.asarray(est.estimate),
+            f"chat_{side}_var": np.asarray(est.variance), f"dipole_std_{side}": dip,
+            f"ratio_{side}": ratio, f"ratio_{side}_err": rerr,
+        })
+        conv = _convergence(t_omega, ratio, rerr, preset.fit_ell_max)
+        fit = _fit_p(fit_ell, ratio[-1, fit_ell], rerr[-1, fit_ell])
+        summary[f"convergence_{side}"] = conv
+        summary[f"fit_{side}"] = fit
+        arrays[f"bgk_best_{side}"] = np.asarray(bgk_spectrum(fit_ell, fit["p_best"]))
+    # Headline numbers: the parallel-gradient case (the seed's Fig. 3 left panel).
+    summary.update({
+        "K_par": float(K_par[-1]), "K_perp": float(K_perp[-1]),
+        "K_par_stderr": float(arrays["K_par_stderr"][-1]),
+        "K_perp_stderr": float(arrays["K_perp_stderr"][-1]),
+        "lambda_par": float(3 * K_par[-1]),
+        "p_best": summary["fit_par"]["p_best"], "p_interval": summary["fit_par"]["p_interval"],
+        "converged": bool(summary["convergence_par"]["converged"]
+                          and summary["convergence_perp"]["converged"]),
+        "converged_criterion": (
+            f"chi2 of the change of Chat_l/Chat_1 (2<=l<={preset.fit_ell_max}) between the last "
+            f"save time and the latest one <= T_last/{CONVERGENCE_SPAN:g} is below the 95% "
+            "quantile, for both gradient directions"),
+        "nside": preset.nside, "realizations": n, "t_omega_last": float(t_omega[-1]),
+        "rL": preset.rL, "sigma2": preset.sigma2, "n_modes": preset.n_modes,
+    })
+    return arrays, summary
+
+
+def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str]:
+    """fig2.png, fig3.png, skymap.png in ``out``; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    from . import plot
+    from .theory import bgk_spectrum
+
+    out = Path(out)
+    t_omega = np.asarray(arrays["t_omega"])
+    label = (f"{preset.name}: nside {preset.nside}, {preset.n_realisations} realisations, "
+             f"{preset.n_modes} modes, rL/Lc={preset.rL:g}, σ²={preset.sigma2:g}")
+    paths = {}
+    f = plot.fig2(t_omega, arrays["cl_par"], arrays["cl_perp"], arrays["noise_par"],
+                  arrays["noise_perp"], arrays["dipole_std_par"], arrays["dipole_std_perp"],
+                  ell_hi=preset.fit_ell_max, title=label)
+    paths["fig2"] = str(out / "fig2.png")
+    f.savefig(paths["fig2"], dpi=120)
+    plt.close(f)
+
+    idx = [int(np.argmin(np.abs(t_omega - t))) for t in preset.fig3_t_omega]
+    ell = np.arange(1, preset.ell_max + 1)
+    fine = np.arange(1, preset.ell_max + 1)
+    curves = {f"BGK p={p}": (fine, np.asarray(bgk_spectrum(fine, v)))
+              for p, v in (("1/3", 1 / 3), ("1/2", 1 / 2), ("2/3", 2 / 3))}
+    p_best = float(arrays["p_best"])
+    curves[f"best fit p={p_best:.2f}"] = (fine, np.asarray(bgk_spectrum(fine, p_best)))
+
+    def noise_rel(side):
+        return arrays[f"noise_{side}"][idx] / arrays[f"chat_{side}"][idx, 1]
+
+    f = plot.fig3(ell, [t_omega[i] for i in idx],
+                  arrays["ratio_par"][idx][:, ell], arrays["ratio_par_err"][idx][:, ell],
+                  arrays["ratio_perp"][idx][:, ell], arrays["ratio_perp_err"][idx][:, ell],
+                  curves, noise_par=noise_rel("par"), noise_perp=noise_rel("perp"), title=label)
+    paths["fig3"] = str(out / "fig3.png")
+    f.savefig(paths["fig3"], dpi=120)
+    plt.close(f)
+
+    f = plot.skymap(arrays["sky_par"],
+                    title=f"δI, realisation 0, ∇n ∥ B0, tΩ={t_omega[-1]:.3g}")
+    paths["skymap"] = str(out / "skymap.png")
+    f.savefig(paths["skymap"], dpi=100)
+    plt.close(f)
+    return paths
+
+
+def plot_run(directory: str | Path) -> dict[str, str]:
+    """Re-draw the figures of a finished run from its ``params.json`` and ``results.npz``."""
+    from .results import read_params, read_results
+
+    preset = Preset.from_dict(read_params(directory)["params"])
+    return make_figures(read_results(directory), preset, directory)
+
+
+def reproduce(
+    preset: Preset | str = "quick",
+    out: str | Path = "crjax_out",
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict:
+    """The whole job (module docstring): simulate (resumable) → analyse → fit → figures → summary.
+
+    Writes ``params.json``, ``chunk_*.npz``, ``results.npz``, ``summary.json`` and the figures to
+    ``out``; returns the summary dict. ``wall_s`` counts this call only (a resumed run reports the
+    time of the resumption)."""
+    t0 = time.perf_counter()
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    store, chunks = simulate(preset, out, resume=resume, progress=progress)
+    arrays, summary = analyse(chunks, preset)
+    arrays["p_best"] = summary["p_best"]
+    store.write_results(arrays)
+    files = {"directory": str(store.directory), "results": str(store.directory / "results.npz"),
+             "params": str(store.directory / "params.json"),
+             "summary": str(store.directory / "summary.json")}
+    if figures:
+        files.update(make_figures(arrays, preset, store.directory))
+    summary["files"] = files
+    summary["wall_s"] = time.perf_counter() - t0
+    store.write_summary(summary)
+    return to_jsonable(summary)
+
+
+def format_summary(summary: dict | str | Path) -> str:
+    """One screen of text: K_∥, K_⊥, convergence, best-fit p, files (a dict or a run directory)."""
+    s = summary if isinstance(summary, dict) else read_summary(summary)
+    lines = [
+        f"crjax {s.get('preset', '')}: nside {s['nside']}, {s['realizations']} realisations, "
+        f"tΩ up to {s['t_omega_last']:.4g}, wall {s['wall_s']:.1f} s",
+        f"  K_par  = {s['K_par']:.4g} ± {s['K_par_stderr']:.2g} Lc c   (λ_par = 3K = "
+        f"{s['lambda_par']:.3g} Lc)",
+        f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
+        f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})",
+    ]
+    for side, name in (("par", "∇n ∥ B0"), ("perp", "∇n ⊥ B0")):
+        c, f = s[f"convergence_{side}"], s[f"fit_{side}"]
+        lo, hi = f["p_interval"]
+        chi = "n/a" if c["chi2"] is None else f"χ²={c['chi2']:.2f}/{c['dof']}"
+        rel = "" if c["max_rel_change"] is None else f", max rel. change {c['max_rel_change']:.2g}"
+        lines.append(
+            f"  {name}: p = {f['p_best']:.3f} [{lo:.3f}, {hi:.3f}] (68%);  Ĉ_ℓ/Ĉ_1 converged "
+            f"between tΩ {c['t_omega_compared'][0]} and {c['t_omega_compared'][1]}: "
+            f"{c['converged']} ({chi}{rel})"
+        )
+    lines.append(f"  converged (both): {s['converged']}   seed: p ≈ 1/2, steady state at tΩ ≳ 100")
+    for k, v in s.get("files", {}).items():
+        lines.append(f"  {k:9s} {v}")
+    return "\n".join(lines)
