@@ -1,0 +1,356 @@
+"""Tests of crjax/field.py against things we did not write: numpy's cos/sin, the closed-form spectrum
+weights, exact invariants (∇·B = 0, ξ̂ ⊥ κ̂, Σ A² = 2σ²B0²), sampling statistics with N-based
+bounds, and finite differences (jax.test_util.check_grads)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import crjax.field as cf
+from crjax.field import (
+    BendOverSpectrum,
+    FieldParams,
+    KolmogorovSpectrum,
+    TurbulentField,
+    paper_2015_field,
+    realise_field,
+    uniform_field,
+)
+
+# Jitted once per module: the same (n_keys, params structure) reuses one compiled kernel.
+_many = jax.jit(jax.vmap(realise_field, in_axes=(0, None)))
+
+EPS = {np.float64: np.finfo(np.float64).eps, np.float32: np.finfo(np.float32).eps}
+
+
+@pytest.fixture(scope="module")
+def field64(key):
+    return realise_field(key, paper_2015_field())
+
+
+@pytest.fixture(scope="module")
+def ensemble64(key):
+    """16 realisations of the seed field (vmapped over keys): 4096 modes for direction statistics."""
+    keys = jax.random.split(jax.random.fold_in(key, 1), 16)
+    return _many(keys, paper_2015_field())
+
+
+_TRACES = []
+
+
+@jax.jit
+def _call(f, x):
+    _TRACES.append(1)  # runs only when jit traces (compiles) a new signature
+    return f(x)
+
+
+@pytest.fixture(scope="module")
+def call_jit():
+    return _call
+
+
+# ---------------------------------------------------------------------------------------------
+# fast cosine
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fast_cos_sin_accuracy(dtype):
+    rng = np.random.default_rng(3)
+    x = np.concatenate(
+        [
+            rng.uniform(-1e5, 1e5, 200_000),  # the range the field needs: |k·x| up to ~1e5
+            np.linspace(-20.0, 20.0, 40_001),
+            # just either side of multiples of π/4, where quadrant and polynomial switch
+            (np.arange(-4000, 4001) * np.pi / 4)[:, None] * (1 + np.array([-1e-7, 0, 1e-7]))[None],
+        ],
+        axis=None,
+    ).astype(dtype)
+    xe = x.astype(np.float64)  # the input value itself is exact; compare with cos of it
+    c = np.asarray(jax.jit(cf._fast_cos)(jnp.asarray(x)), dtype=np.float64)
+    s = np.asarray(jax.jit(cf._fast_sin)(jnp.asarray(x)), dtype=np.float64)
+    # Bound: 2 ulp of 1 per dtype (4.4e-16 fp64, 2.4e-7 fp32). Cephes' polynomials are ~1 ulp on
+    # [−π/4, π/4]; the reduction error is ≲ 1 ulp of r (exact products j·P_i, see field.py);
+    # measured 2.2e-16 and 1.1e-7.
+    tol = 2 * EPS[dtype]
+    assert np.max(np.abs(c - np.cos(xe))) <= tol
+    assert np.max(np.abs(s - np.sin(xe))) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fast_cos_derivatives(dtype):
+    x = jnp.asarray(np.linspace(-300.0, 300.0, 1001), dtype)
+    d1 = jax.jit(jax.vmap(jax.grad(cf._fast_cos)))(x)
+    d2 = jax.jit(jax.vmap(jax.grad(jax.grad(cf._fast_cos))))(x)
+    xe = np.asarray(x, np.float64)
+    tol = 2 * EPS[dtype]  # same bound as the values: the rule reuses the same polynomials
+    np.testing.assert_allclose(np.asarray(d1, np.float64), -np.sin(xe), rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(d2, np.float64), -np.cos(xe), rtol=0, atol=tol)
+    if dtype == np.float64:
+        check_grads(cf._fast_cos, (x[::50],), order=2, modes=("fwd", "rev"))
+
+
+# ---------------------------------------------------------------------------------------------
+# construction: amplitudes, directions, spectrum
+# ---------------------------------------------------------------------------------------------
+def _reference_weights(k, Lc, gamma):
+    g = k**3 / (1.0 + (k * Lc) ** gamma)
+    return g / g.sum()
+
+
+def test_amplitudes_match_formula(key):
+    p = FieldParams(sigma2=0.7, Lc=2.0, lmin=0.05, lmax=300.0, b0=2.5, n_modes=256)
+    f = realise_field(key, p)
+    k_ref = np.geomspace(2 * np.pi / 300.0, 2 * np.pi / 0.05, 256)
+    k = np.linalg.norm(np.asarray(f.wavevectors), axis=-1)
+    a2 = np.sum(np.asarray(f.amplitudes) ** 2, axis=-1)
+    # rtol 1e-12: a few ulp accumulated through exp/log/softmax of 256 terms (fp64).
+    np.testing.assert_allclose(k, k_ref, rtol=1e-13)
+    np.testing.assert_allclose(a2, 2 * 0.7 * 2.5**2 * _reference_weights(k_ref, 2.0, 11 / 3), 1e-12)
+    np.testing.assert_allclose(a2.sum(), 2 * 0.7 * 2.5**2, rtol=1e-13)  # Σ A² = 2σ²B0²
+    np.testing.assert_allclose(np.asarray(f.b0), [0, 0, 2.5], atol=1e-15)
+
+
+def _slope(k, a2, lo, hi):
+    """Least-squares slope of log(A_n²/Δk_n) vs log k for lo ≤ k ≤ hi (Δk from the grid itself)."""
+    dk = np.gradient(k)
+    sel = (k >= lo) & (k <= hi)
+    return np.polyfit(np.log(k[sel]), np.log(a2[sel] / dk[sel]), 1)[0]
+
+
+def test_realised_kolmogorov_slope(field64):
+    k = np.linalg.norm(np.asarray(field64.wavevectors), axis=-1)
+    a2 = np.sum(np.asarray(field64.amplitudes) ** 2, axis=-1)
+    # The bend (kLc)^γ changes the local slope by ~γ (kLc)^−γ ≈ 1e-5 at k = 30: tolerance 1e-3.
+    assert _slope(k, a2, 30.0, 700.0) == pytest.approx(-5 / 3, abs=1e-3)
+
+
+def test_low_k_slope_and_bendover_slopes(key):
+    # Wide k range so both asymptotes are clean: corrections ~(kL)^±2 ≲ 1e-4 in the fitted ranges,
+    # which moves the slope by ≲ 1e-3; tolerance 5e-3 (np.gradient's Δk is exact for a log grid
+    # up to a constant factor, which does not change the slope; the end points are one-sided).
+    wide = dict(lmin=1e-3, lmax=1e4, n_modes=256)
+    kolm = realise_field(key, FieldParams(**wide))
+    bend = realise_field(key, FieldParams(spectrum=BendOverSpectrum(s=2.5, q=1.2), **wide))
+    for f, lo_slope, hi_slope in ((kolm, 2.0, -5 / 3), (bend, 1.2, -2.5)):
+        k = np.linalg.norm(np.asarray(f.wavevectors), axis=-1)
+        a2 = np.sum(np.asarray(f.amplitudes) ** 2, axis=-1)
+        assert _slope(k, a2, 1e-3, 2e-2) == pytest.approx(lo_slope, abs=5e-3)
+        assert _slope(k, a2, 200.0, 7000.0) == pytest.approx(hi_slope, abs=5e-3)
+
+
+def test_polarisation_unit_and_transverse(ensemble64):
+    k, a = np.asarray(ensemble64.wavevectors), np.asarray(ensemble64.amplitudes)
+    kappa = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    xi = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    # Exact by construction up to fp64 round-off of a few products: 1e-14.
+    assert np.max(np.abs(np.sum(kappa * xi, axis=-1))) < 1e-14
+
+
+def test_isotropy_of_directions(ensemble64):
+    """κ̂ and ξ̂ over 16×256 modes: ⟨v⟩ = 0, ⟨v vᵀ⟩ = I/3 within 5 standard errors.
+
+    For v uniform on the sphere Var(v_i) = 1/3, Var(v_i²) = 1/5 − 1/9 = 4/45,
+    Var(v_i v_j) = 1/15 (i ≠ j). ξ̂ is uniform on the sphere too (uniform angle ⊥ uniform κ̂)."""
+    for arr in (ensemble64.wavevectors, ensemble64.amplitudes):
+        v = np.asarray(arr).reshape(-1, 3)
+        v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        n = v.shape[0]
+        assert np.all(np.abs(v.mean(0)) < 5 * np.sqrt(1 / 3 / n))
+        m = v.T @ v / n
+        diag_tol, off_tol = 5 * np.sqrt(4 / 45 / n), 5 * np.sqrt(1 / 15 / n)
+        assert np.all(np.abs(np.diag(m) - 1 / 3) < diag_tol)
+        assert np.all(np.abs(m[~np.eye(3, dtype=bool)]) < off_tol)
+
+
+def test_slab_geometry_rotated(key):
+    d = np.array([1.0, 2.0, -0.5])
+    b = d / np.linalg.norm(d)
+    keys = jax.random.split(key, 4)
+    p = FieldParams(geometry="slab", b0_direction=d, b0=1.5, n_modes=256)
+    f = _many(keys, p)
+    kappa = np.asarray(f.wavevectors).reshape(-1, 3)
+    kappa = kappa / np.linalg.norm(kappa, axis=-1, keepdims=True)
+    xi = np.asarray(f.amplitudes).reshape(-1, 3)
+    xi = xi / np.linalg.norm(xi, axis=-1, keepdims=True)
+    # Really slab: κ̂ × b̂0 = 0 and ξ̂ ⊥ b̂0 up to round-off (1e-15 ~ a few ulp).
+    assert np.max(np.abs(np.cross(kappa, b))) < 1e-15
+    assert np.max(np.abs(xi @ b)) < 1e-15
+    # Both signs occur (random ±b̂0) and the polarisation angle is uniform: ⟨ξ̂ξ̂ᵀ⟩ = (I − b̂b̂ᵀ)/2.
+    # ξ̂ = cos α ê1 + sin α ê2: entries of ξ̂ξ̂ᵀ have variance ≤ 1/8, n = 1024: 5σ = 0.055.
+    assert 0.4 < np.mean(kappa @ b > 0) < 0.6  # binomial(1024, 1/2): 5σ = 0.078
+    m = xi.T @ xi / xi.shape[0]
+    assert np.max(np.abs(m - (np.eye(3) - np.outer(b, b)) / 2)) < 5 * np.sqrt(1 / 8 / xi.shape[0])
+    np.testing.assert_allclose(np.asarray(f.b0[0]), 1.5 * b, atol=1e-15)
+
+
+def test_vmap_over_keys_matches_loop(key, ensemble64):
+    keys = jax.random.split(jax.random.fold_in(key, 1), 16)
+    one = realise_field(keys[5], paper_2015_field())
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(ensemble64)):
+        # vmapped RNG and maths are the same ops: equal to round-off (1e-15).
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b[5]), rtol=1e-13, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation B(x)
+# ---------------------------------------------------------------------------------------------
+def test_divergence_free(field64, key):
+    x = 3.0 * jax.random.normal(jax.random.fold_in(key, 2), (20, 3))
+    div = jax.jit(jax.vmap(lambda y: jnp.trace(jax.jacfwd(field64)(y))))(x)
+    # Each ∂B_i/∂x_i is a sum of terms A_n k_n ξ_i κ_i sin(·) that cancel exactly mode by mode;
+    # round-off is ~ eps × Σ_n A_n k_n (fp64); allow 50 eps for the sums over 256 modes × 3.
+    scale = np.sum(np.linalg.norm(field64.amplitudes, axis=-1) * np.linalg.norm(field64.wavevectors, axis=-1))
+    assert np.max(np.abs(div)) < 50 * EPS[np.float64] * scale
+
+
+def test_fast_matches_exact_and_shapes(field64, call_jit, key):
+    exact = TurbulentField(
+        field64.b0, field64.wavevectors, field64.amplitudes, field64.phases, exact_cos=True
+    )
+    x = 50.0 * jax.random.normal(jax.random.fold_in(key, 3), (2, 7, 3))
+    bf, be = call_jit(field64, x), call_jit(exact, x)
+    assert bf.shape == (2, 7, 3) and bf.dtype == jnp.float64
+    # |cos error| ≤ 2 eps per mode, so |ΔB| ≤ 2 eps Σ|A_n| (fp64).
+    tol = 2 * EPS[np.float64] * float(jnp.sum(jnp.linalg.norm(field64.amplitudes, axis=-1)))
+    assert float(jnp.max(jnp.abs(bf - be))) <= tol
+    # single point (3,) works and agrees with the batch
+    np.testing.assert_allclose(field64(x[1, 4]), bf[1, 4], rtol=0, atol=1e-15)
+
+
+def test_spatial_mean_of_dB2(key):
+    """⟨|δB|²⟩ over space = σ²B0² (⟨cos²⟩ = 1/2) and ⟨δB_i²⟩ = Σ A² ξ_i²/2 per realisation."""
+    sigma2, b0 = 0.8, 1.3
+    p = FieldParams(sigma2=sigma2, b0=b0)
+    fields = _many(jax.random.split(jax.random.fold_in(key, 1), 16), p)
+    # Points spread over 1e4 Lc ≫ λmax, so every mode's phase is uniform over the sample.
+    x = jax.random.uniform(jax.random.fold_in(key, 4), (2048, 3), minval=-5e3, maxval=5e3)
+    db = jax.jit(jax.vmap(lambda f, y: f(y) - f.b0[None, :], in_axes=(0, None)))(fields, x)
+    db2 = np.asarray(jnp.sum(db**2, -1)).ravel()
+    # Sampling error only: 5 standard errors of the sample mean.
+    assert abs(db2.mean() - sigma2 * b0**2) < 5 * db2.std() / np.sqrt(db2.size)
+    comp = np.asarray(db**2)  # (realisation, point, component)
+    a2 = np.sum(np.asarray(fields.amplitudes) ** 2, axis=-1)  # (realisation, mode)
+    xi2 = np.asarray(fields.amplitudes) ** 2 / a2[..., None]
+    exact = 0.5 * np.sum(a2[..., None] * xi2, axis=1)  # (realisation, component)
+    err = comp.std(axis=1) / np.sqrt(comp.shape[1])
+    assert np.all(np.abs(comp.mean(axis=1) - exact) < 5 * err)
+    # Those per-realisation values scatter around σ²B0²/3 (the seed's "±5%" physics): ξ_i² has
+    # variance 4/45 on the sphere, so Var(exact_i) = (4/45) Σ_n (A_n²/2)²; 5σ of the mean of 16.
+    sd = np.sqrt(4 / 45 * np.sum((a2 / 2) ** 2, axis=1).mean() / a2.shape[0])
+    assert np.all(np.abs(exact.mean(0) - sigma2 * b0**2 / 3) < 5 * sd)
+
+
+def test_uniform_field_and_rotation(call_jit):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)) * 10)
+    f = uniform_field(2.0, direction=(0.0, 3.0, 4.0))
+    np.testing.assert_allclose(call_jit(f, x), np.broadcast_to([0.0, 1.2, 1.6], (5, 3)), atol=1e-15)
+    f32 = uniform_field(dtype=jnp.float32)
+    assert f32(x.astype(jnp.float32)).dtype == jnp.float32
+
+
+def test_float32_option(key, call_jit):
+    f32 = realise_field(key, FieldParams(), dtype=jnp.float32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(f32))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(7, 3)), jnp.float32)
+    b32 = call_jit(f32, x)
+    assert b32.dtype == jnp.float32
+    # Same float32 modes evaluated in fp64: differences come from fp32 rounding of the phase
+    # (≈ eps32 (|k||x| + |β|) per mode) and of cos and the sums; bound 4 eps32 Σ|A|(|k||x|+|β|+1).
+    f64 = jax.tree.map(lambda a: a.astype(jnp.float64), f32)
+    b64 = f64(x.astype(jnp.float64))
+    an = np.linalg.norm(np.asarray(f64.amplitudes), axis=-1)
+    kn = np.linalg.norm(np.asarray(f64.wavevectors), axis=-1)
+    xmax = float(jnp.max(jnp.linalg.norm(x, axis=-1)))
+    tol = 4 * EPS[np.float32] * np.sum(an * (kn * xmax + np.asarray(f64.phases) + 1))
+    assert float(jnp.max(jnp.abs(b32 - b64))) < tol
+
+
+def test_no_recompile_for_new_realisation(key, call_jit):
+    x = jnp.ones((5, 3))
+    call_jit(realise_field(key, paper_2015_field()), x)
+    before = len(_TRACES)
+    for i in range(3):  # new realisations and new float parameters, same shapes: no retrace
+        p = FieldParams(sigma2=0.5 + i, Lc=1.0 + i)
+        call_jit(realise_field(jax.random.fold_in(key, i), p), x + i)
+    assert len(_TRACES) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("geometry", ["isotropic", "slab"])
+def test_check_grads_params(key, geometry):
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)))
+    w = jnp.asarray([0.3, -0.7, 0.5])
+
+    def obs(sigma2, d, lc, gamma):
+        p = FieldParams(
+            sigma2=sigma2,
+            Lc=lc,
+            b0_direction=d,
+            spectrum=KolmogorovSpectrum(gamma=gamma),
+            geometry=geometry,
+            n_modes=16,
+        )
+        return jnp.mean(realise_field(key, p)(x) @ w)
+
+    args = (jnp.asarray(0.9), jnp.asarray([0.3, 0.5, 1.0]), jnp.asarray(1.2), jnp.asarray(11 / 3))
+    # Central finite differences in fp64 with eps = 1e-6: phases k·x reach k ≈ 600, so third
+    # derivatives are ~600³ and check_grads' default eps = 1e-4 would leave a truncation error
+    # ~eps²·600³ ~ 1e-3 relative; at 1e-6 it is ~1e-7 and round-off ~1e-16/1e-6 = 1e-10, both
+    # below check_grads' fp64 tolerance (~1e-5 relative).
+    check_grads(jax.jit(obs), args, order=1, modes=("fwd", "rev"), eps=1e-6)
+
+
+def test_bendover_grads(key):
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 3)))
+
+    def obs(s, q):
+        p = FieldParams(spectrum=BendOverSpectrum(s=s, q=q), n_modes=16)
+        return jnp.sum(realise_field(key, p)(x)[:, 0])
+
+    args = (jnp.asarray(5 / 3), jnp.asarray(2.0))
+    check_grads(jax.jit(obs), args, order=1, modes=("fwd", "rev"), eps=1e-6)  # eps: see above
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(sigma2=0.0), "sigma2"),
+        (dict(sigma2=-1.0), "sigma2"),
+        (dict(Lc=0.0), "Lc"),
+        (dict(b0=-2.0), "b0"),
+        (dict(lmin=0.0), "lmin"),
+        (dict(lmin=-1.0), "lmin"),
+        (dict(lmin=5.0, lmax=5.0), "lmin"),
+        (dict(lmin=10.0, lmax=1.0), "lmin"),
+        (dict(n_modes=0), "n_modes"),
+        (dict(n_modes=2.5), "n_modes"),
+        (dict(b0_direction=(0.0, 0.0, 0.0)), "b0_direction"),
+        (dict(b0_direction=(1.0, 0.0)), "b0_direction"),
+        (dict(geometry="helical"), "geometry"),
+        (dict(sigma2=float("nan")), "sigma2"),
+    ],
+)
+def test_bad_params_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FieldParams(**kwargs)
+
+
+def test_bad_spectrum_and_dtype_raise(key):
+    with pytest.raises(ValueError, match="gamma"):
+        KolmogorovSpectrum(gamma=0.0)
+    with pytest.raises(ValueError, match="s must"):
+        BendOverSpectrum(s=-1.0, q=2.0)
+    with pytest.raises(ValueError, match="dtype"):
+        realise_field(key, FieldParams(n_modes=4), dtype=jnp.int32)
+    with pytest.raises(ValueError, match="direction"):
+        uniform_field(1.0, direction=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="b0"):
+        uniform_field(0.0)
+    with pytest.raises(ValueError, match="x must"):
+        uniform_field()(jnp.zeros((4, 2)))
