@@ -87,6 +87,7 @@ def fig3(
     *,
     noise_par: np.ndarray | None = None,
     noise_perp: np.ndarray | None = None,
+    curves_perp: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     title: str | None = None,
 ):
     """Seed Fig. 3: Ĉ_ℓ/Ĉ_1 (Ĉ_ℓ = ⟨C_ℓ⟩ − N) at three backtracking times for g ∥ B0 (left) and
@@ -95,14 +96,16 @@ def fig3(
     (e.g. BGK (4.7) for p = 1/3, 1/2, 2/3 and the best fit).
 
     Shapes: ``ell`` (nl,); ``ratio_*``, ``err_*`` (3, nl); ``noise_*`` (3,) normalised to Ĉ_1;
-    ``curves`` maps a label to ``(ell_model, ratio_model)``. Returns the Figure.
+    ``curves`` maps a label to ``(ell_model, ratio_model)`` (both panels, or only the left one
+    when ``curves_perp`` is given for the right). Returns the Figure.
     """
     ell = np.asarray(ell)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     colors = ["tab:orange", "tab:purple", "tab:cyan"]
-    for ax, ratio, err, noise, side in (
-        (axes[0], ratio_par, err_par, noise_par, r"$\nabla n\parallel B_0$"),
-        (axes[1], ratio_perp, err_perp, noise_perp, r"$\nabla n\perp B_0$"),
+    for ax, ratio, err, noise, side, model in (
+        (axes[0], ratio_par, err_par, noise_par, r"$\nabla n\parallel B_0$", curves),
+        (axes[1], ratio_perp, err_perp, noise_perp, r"$\nabla n\perp B_0$",
+         curves if curves_perp is None else curves_perp),
     ):
         for i, tw in enumerate(t_omega):
             c = colors[i % len(colors)]
@@ -120,7 +123,7 @@ def fig3(
             if noise is not None:
                 ax.axhline(float(np.asarray(noise)[i]), color=c, ls="--", lw=0.8)
         styles = ["-", "--", "-.", ":"]
-        for j, (label, (em, rm)) in enumerate(curves.items()):
+        for j, (label, (em, rm)) in enumerate(model.items()):
             ax.plot(em, _positive(rm), styles[j % 4], color="k" if j < 3 else "tab:red", lw=1,
                     label=label)
         ax.set(xscale="log", yscale="log", xlabel=r"$\ell$", title=side)

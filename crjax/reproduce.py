@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
         return {
             "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
             "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
-            "K": jax.vmap(lambda x: transport.diffusion_tensor(x, traj.times[0])[0])(pos),
+            "rr": transport.second_moments(pos),  # (c, nt, 3, 3) direction-averaged ⟨r_i r_j⟩
             "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, traj.times[0])[0])(pos),
             "maps_par": maps_par,
             "maps_perp": maps_perp,
@@ -100,8 +101,8 @@ def simulate(
 ) -> tuple[RunStore, dict[str, np.ndarray]]:
     """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
 
-    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``K``, ``Ktilde`` (n, nt, 3, 3) per
-    realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the last save time; ``sum_maps_par``,
+    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions),
+    ``Ktilde`` (n, nt, 3, 3) per realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the last save time; ``sum_maps_par``,
     ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for the standard-diffusion dipole).
     """
     from .backtrack import run_ensemble
@@ -118,7 +119,11 @@ def simulate(
     # cache traced constants (angular caches device arrays per (nside, lmax, dtype)).
     angular.power_spectrum(jnp.zeros(preset.npix, dtype=preset.dtype), lmax=preset.ell_max)
 
+    delay = float(os.environ.get("CRJAX_TEST_CHUNK_DELAY", "0"))
+
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+        if delay and start > 0:  # test hook: a window to kill -9 between chunks (tests only)
+            time.sleep(delay)
         # Always a full chunk (the short last one is padded with realisations beyond n and cut):
         # one compiled shape for the whole run, and every chunk identical to an uninterrupted run.
         size = preset.chunk_size
@@ -185,12 +190,19 @@ def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: in
     }
 
 
-def _fit_p(ell: np.ndarray, ratio: np.ndarray, err: np.ndarray) -> dict:
-    """Fit the BGK exponent p to Ĉ_ℓ/Ĉ_1 (``inference.fit``); returns best fit and 68% interval."""
-    from inference import fit
+def _fit_p(ell: np.ndarray, chat: np.ndarray, var: np.ndarray) -> dict:
+    """Fit the BGK exponent p (4.7) to the simulated Ĉ_ℓ with its realisation variance
+    (``inference.fit.fit_p_map``: free amplitude, no extra noise term since N is subtracted,
+    Gaussian likelihood, Laplace 68% interval)."""
+    from inference.data import spectrum_from_estimate
+    from inference.fit import fit_p_map
 
-    res = fit.fit_ratio(ell, ratio, err)
-    return {"p_best": float(res.p), "p_interval": [float(res.p_lo), float(res.p_hi)]}
+    spec = spectrum_from_estimate(ell, chat, var, experiment="crjax simulation", synthetic=True,
+                                  noise_subtracted=True)
+    res = fit_p_map(spec, lmin=int(ell[0]), lmax=int(ell[-1]), noise="none", likelihood="gaussian")
+    return {"p_best": res.p, "p_err": res.p_err, "p_interval": list(res.p_interval),
+            "amplitude": res.amplitude, "chi2": res.chi2, "dof": res.dof, "pvalue": res.pvalue,
+            "fit_converged": res.converged, "ell": [int(ell[0]), int(ell[-1])]}
 
 
 def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
@@ -202,12 +214,14 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
     g_par, g_perp = gradient_directions(preset)
     times, t_omega = preset.times, np.asarray(preset.t_omega)
     n = preset.n_realisations
-    K = chunks["K"].mean(0)  # (nt, 3, 3): ensemble mean of per-realisation K
-    K_se = chunks["K"].std(0, ddof=1) / math.sqrt(n)
+    K, K_se = (np.asarray(x) for x in transport.diffusion_tensor_from_moments(chunks["rr"], times))
+    # Per-realisation K (for the spread of K_∥, K_⊥: parallel_perpendicular is linear in K).
+    K_r = np.asarray(jax.vmap(lambda m: transport.diffusion_tensor_from_moments(m[None], times)[0])(
+        jnp.asarray(chunks["rr"])))
     Kt = chunks["Ktilde"].mean(0)
     b0 = np.asarray(preset.b0_direction, dtype=float)
     K_par, K_perp = (np.asarray(x) for x in transport.parallel_perpendicular(K, b0))
-    Kp_r, Kq_r = (np.asarray(x) for x in transport.parallel_perpendicular(chunks["K"], b0))
+    Kp_r, Kq_r = (np.asarray(x) for x in transport.parallel_perpendicular(K_r, b0))
     arrays: dict[str, Any] = {
         "t_omega": t_omega, "times": times, "K": K, "K_stderr": K_se, "Ktilde": Kt,
         "K_par": K_par, "K_perp": K_perp,
@@ -232,10 +246,12 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
             f"ratio_{side}": ratio, f"ratio_{side}_err": rerr,
         })
         conv = _convergence(t_omega, ratio, rerr, preset.fit_ell_max)
-        fit = _fit_p(fit_ell, ratio[-1, fit_ell], rerr[-1, fit_ell])
+        fit = _fit_p(fit_ell, np.asarray(est.estimate)[-1, fit_ell],
+                     np.asarray(est.variance)[-1, fit_ell])
         summary[f"convergence_{side}"] = conv
         summary[f"fit_{side}"] = fit
-        arrays[f"bgk_best_{side}"] = np.asarray(bgk_spectrum(fit_ell, fit["p_best"]))
+        arrays[f"p_best_{side}"] = fit["p_best"]
+        arrays[f"fit_amplitude_{side}"] = fit["amplitude"]
     # Headline numbers: the parallel-gradient case (the seed's Fig. 3 left panel).
     summary.update({
         "K_par": float(K_par[-1]), "K_perp": float(K_perp[-1]),
@@ -276,11 +292,14 @@ def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str
 
     idx = [int(np.argmin(np.abs(t_omega - t))) for t in preset.fig3_t_omega]
     ell = np.arange(1, preset.ell_max + 1)
-    fine = np.arange(1, preset.ell_max + 1)
-    curves = {f"BGK p={p}": (fine, np.asarray(bgk_spectrum(fine, v)))
-              for p, v in (("1/3", 1 / 3), ("1/2", 1 / 2), ("2/3", 2 / 3))}
-    p_best = float(arrays["p_best"])
-    curves[f"best fit p={p_best:.2f}"] = (fine, np.asarray(bgk_spectrum(fine, p_best)))
+    bgk = {f"BGK p={p}": (ell, np.asarray(bgk_spectrum(ell, v)))
+           for p, v in (("1/3", 1 / 3), ("1/2", 1 / 2), ("2/3", 2 / 3))}
+
+    def with_fit(side):  # the fitted model A·bgk(ℓ, p) was fit to Ĉ_ℓ at the last time
+        p, amp = float(arrays[f"p_best_{side}"]), float(arrays[f"fit_amplitude_{side}"])
+        c1 = float(arrays[f"chat_{side}"][-1, 1])
+        fit = (ell, amp * np.asarray(bgk_spectrum(ell, p)) / c1)
+        return {**bgk, f"best fit p={p:.2f} (tΩ={t_omega[-1]:.3g})": fit}
 
     def noise_rel(side):
         return arrays[f"noise_{side}"][idx] / arrays[f"chat_{side}"][idx, 1]
@@ -288,7 +307,8 @@ def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str
     f = plot.fig3(ell, [t_omega[i] for i in idx],
                   arrays["ratio_par"][idx][:, ell], arrays["ratio_par_err"][idx][:, ell],
                   arrays["ratio_perp"][idx][:, ell], arrays["ratio_perp_err"][idx][:, ell],
-                  curves, noise_par=noise_rel("par"), noise_perp=noise_rel("perp"), title=label)
+                  with_fit("par"), noise_par=noise_rel("par"), noise_perp=noise_rel("perp"),
+                  curves_perp=with_fit("perp"), title=label)
     paths["fig3"] = str(out / "fig3.png")
     f.savefig(paths["fig3"], dpi=120)
     plt.close(f)
@@ -326,7 +346,6 @@ def reproduce(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     store, chunks = simulate(preset, out, resume=resume, progress=progress)
     arrays, summary = analyse(chunks, preset)
-    arrays["p_best"] = summary["p_best"]
     store.write_results(arrays)
     files = {"directory": str(store.directory), "results": str(store.directory / "results.npz"),
              "params": str(store.directory / "params.json"),

@@ -1,0 +1,244 @@
+"""The main job: presets, statistics helpers, figures, and the pipeline end to end at tiny size
+(including resumption after a lost chunk and after a real ``kill -9``)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import healpy as hp
+import numpy as np
+import pytest
+
+from crjax import plot, presets
+from crjax import reproduce as rp
+from crjax.results import RunStore, read_params, read_results, read_summary
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+
+def test_paper_preset_is_the_seed_setup():
+    p = presets.paper()
+    # Seed §3: nside 32 (12288 trajectories), 120 realisations, σ² = 1, λ 0.01–100 Lc,
+    # γ = 11/3, rL = 0.1 Lc; Fig. 2 runs to tΩ = 1000. 256 modes: physics.md §2 default.
+    assert (p.nside, p.npix, p.n_realisations) == (32, 12288, 120)
+    assert (p.sigma2, p.lmin, p.lmax, p.rL, p.n_modes) == (1.0, 0.01, 100.0, 0.1, 256)
+    assert p.gamma == pytest.approx(11 / 3, rel=1e-15)
+    assert max(p.t_omega) == pytest.approx(1000.0)
+    np.testing.assert_allclose(p.times, np.asarray(p.t_omega) * 0.1)
+    q = presets.quick()
+    assert (q.sigma2, q.lmin, q.lmax, q.rL, q.gamma) == (p.sigma2, p.lmin, p.lmax, p.rL, p.gamma)
+    assert q.t_omega[0] == pytest.approx(1.0) and q.t_omega[-1] == pytest.approx(200.0)
+
+
+def test_preset_roundtrips_through_params_json():
+    p = presets.quick()
+    q = presets.Preset.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q == p
+    fp = p.field_params()
+    assert fp.n_modes == p.n_modes and float(fp.sigma2) == p.sigma2
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"nside": 6}, "nside"),
+        ({"n_realisations": 1}, "n_realisations"),
+        ({"rL": -0.1}, "rL"),
+        ({"lmin": 200.0}, "lmin"),
+        ({"ell_max": 40}, "ell_max"),
+        ({"fig3_t_omega": (1.0, 2.0, 3.0)}, "fig3_t_omega"),
+        ({"t_omega": (2.0, 1.0, 4.0, 8.0)}, "t_omega"),
+        ({"solver": "euler"}, "solver"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"sigma2": float("nan")}, "sigma2"),
+    ],
+)
+def test_preset_rejects_bad_values(change, match):
+    with pytest.raises(ValueError, match=match):
+        presets.tiny().replace(**change)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        presets.get_preset("huge")
+
+
+def test_gradient_directions_parallel_and_perpendicular():
+    p = presets.tiny().replace(b0_direction=(1.0, 2.0, 2.0), grad=0.5)
+    g_par, g_perp = rp.gradient_directions(p)
+    b = np.array([1.0, 2.0, 2.0]) / 3.0
+    np.testing.assert_allclose(g_par, 0.5 * b, rtol=1e-15)
+    np.testing.assert_allclose(np.linalg.norm(g_perp), 0.5, rtol=1e-15)
+    assert abs(g_perp @ b) < 1e-15
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics helpers
+
+
+def test_ratio_error_agrees_with_bootstrap():
+    """Delta-method error of Ĉ_ℓ/Ĉ_1 vs an independent bootstrap over realisations."""
+    rng = np.random.default_rng(1)
+    n = 400
+    common = rng.gamma(4.0, 1.0, size=(n, 1, 1))  # correlates all ℓ within a realisation
+    cls = common * np.array([2.0, 10.0, 3.0, 1.0]) * rng.gamma(8.0, 1 / 8, size=(n, 1, 4))
+    noise = np.array([0.5])
+    r, err = rp._ratio_and_error(cls, noise)
+    boot = []
+    for _ in range(2000):
+        c = cls[rng.integers(0, n, n)]
+        chat = c.mean(0) - noise[:, None]
+        boot.append(chat / chat[:, 1:2])
+    boot_err = np.std(boot, axis=0)
+    # Bootstrap std from 2000 resamples has ~1.6% statistical error; the delta method is exact
+    # to O(1/n) = 0.25%: 8% covers both with margin.
+    np.testing.assert_allclose(err[0, [0, 2, 3]], boot_err[0, [0, 2, 3]], rtol=0.08)
+    assert err[0, 1] == 0.0 and r[0, 1] == 1.0  # Ĉ_1/Ĉ_1 has no error
+
+
+def test_convergence_criterion_detects_drift():
+    t = np.array([1.0, 10.0, 50.0, 100.0])
+    err = np.full((4, 10), 0.01)
+    flat = np.tile(1.0 / np.arange(1, 11) ** 2, (4, 1))
+    rng = np.random.default_rng(0)
+    noisy = flat + 0.01 * rng.standard_normal(flat.shape)
+    c = rp._convergence(t, noisy, err, 9)
+    assert c["converged"] and c["t_omega_compared"] == [50.0, 100.0] and c["dof"] == 8
+    drift = noisy.copy()
+    drift[-1, 2:] += 0.05  # 5σ per multipole
+    assert not rp._convergence(t, drift, err, 9)["converged"]
+    assert not rp._convergence(np.array([1.0]), flat[:1], err[:1], 9)["converged"]
+
+
+# ----------------------------------------------------------------------------------------------
+# figures (drawing only)
+
+
+def test_arrival_map_is_the_antipodal_map():
+    nside = 4
+    n = np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside))), axis=-1)
+    a = np.array([0.3, -0.5, 0.8])
+    dipole = n @ a  # δI(p̂) = p̂·a  →  at arrival direction n̂ = −p̂:  −n̂·a
+    np.testing.assert_allclose(plot.arrival_map(dipole), -dipole, atol=1e-15)
+    m = np.random.default_rng(0).standard_normal(n.shape[0])
+    np.testing.assert_array_equal(plot.arrival_map(plot.arrival_map(m)), m)
+
+
+def test_figures_draw_from_synthetic_arrays(tmp_path):
+    t = np.geomspace(1, 100, 6)
+    cl = np.outer(t, np.arange(1.0, 11.0))
+    cl[2, 3] = -1.0  # negative Ĉ_ℓ after noise subtraction must not break log axes
+    figs = {
+        "f2": plot.fig2(t, cl, cl / 2, t, t / 2, t / 3, t / 4),
+        "f3": plot.fig3(np.arange(1, 10), [1, 10, 100], np.ones((3, 9)), np.ones((3, 9)) / 10,
+                        np.ones((3, 9)), np.ones((3, 9)) / 10, {"x": (np.arange(1, 10), np.ones(9))},
+                        noise_par=[0.1, 0.2, 0.3], noise_perp=[0.1, 0.2, 0.3]),
+        "sky": plot.skymap(np.arange(48.0), title="test"),
+    }
+    for name, f in figs.items():
+        f.savefig(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000
+    assert "arrival direction" in figs["sky"].axes[0].get_title()
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end at tiny size (shares one in-process run: one compilation)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    summary = rp.reproduce("tiny", out, progress=False)
+    return out, summary
+
+
+def test_tiny_run_writes_everything(tiny_run):
+    out, summary = tiny_run
+    for f in ("params.json", "results.npz", "summary.json", "fig2.png", "fig3.png", "skymap.png",
+              "chunk_00000.npz", "chunk_00001.npz"):
+        assert (out / f).stat().st_size > 0, f
+    s = read_summary(out)
+    for k in ("K_par", "K_perp", "p_best", "p_interval", "converged", "nside", "realizations",
+              "wall_s"):
+        assert k in s, k
+    assert s["nside"] == 2 and s["realizations"] == 3 and isinstance(s["converged"], bool)
+    lo, hi = s["p_interval"]
+    assert 0 <= lo <= s["p_best"] <= hi <= 1  # tiny data: p may sit at a bound, still ordered
+    prov = read_params(out)["provenance"]
+    assert prov["backend"] and prov["versions"]["jax"] and read_params(out)["params"]["dtype"]
+
+
+def test_tiny_run_arrays_are_consistent(tiny_run):
+    """Checks against relations the pipeline does not use to compute them."""
+    out, _ = tiny_run
+    r = read_results(out)
+    p = presets.tiny()
+    nt, L = len(p.t_omega), p.ell_max + 1
+    assert r["cl_par"].shape == (nt, L) and r["cl_par_realisations"].shape == (3, nt, L)
+    # ⟨C_ℓ⟩ is the plain mean over realisations; Ĉ_ℓ = ⟨C_ℓ⟩ − N.
+    np.testing.assert_allclose(r["cl_par"], r["cl_par_realisations"].mean(0), rtol=1e-13)
+    np.testing.assert_allclose(r["chat_perp"], r["cl_perp"] - r["noise_perp"][:, None], rtol=1e-12,
+                               atol=1e-15)
+    # Noise (3.1): N = 4π/Npix · 2T g·K·g; with g ∥ ẑ this is 4π/Npix · 2T K_zz.
+    np.testing.assert_allclose(r["noise_par"], 4 * np.pi / p.npix * 2 * p.times * r["K"][:, 2, 2],
+                               rtol=1e-12)
+    # Diffusion-tensor bookkeeping (B0 ∥ ẑ): K_∥ = K_zz, K_⊥ = (K_xx + K_yy)/2.
+    np.testing.assert_allclose(r["K_par"], r["K"][:, 2, 2], rtol=1e-12)
+    np.testing.assert_allclose(r["K_perp"], (r["K"][:, 0, 0] + r["K"][:, 1, 1]) / 2, rtol=1e-12)
+    # Standard-diffusion dipole ≤ ensemble dipole (Cauchy–Schwarz on ⟨r⟩ vs ⟨r r⟩; seed §3).
+    assert np.all(r["dipole_std_par"] <= r["cl_par"][:, 1] * (1 + 1e-12))
+    # Sky map = r·g of realisation 0 at the last time: its C_ℓ (healpy) is that realisation's.
+    cl0 = hp.anafast(r["sky_par"], lmax=p.ell_max, iter=0)
+    np.testing.assert_allclose(cl0, r["cl_par_realisations"][0, -1], rtol=1e-10)
+
+
+def test_lost_chunk_is_recomputed_bit_identically(tiny_run, tmp_path):
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("params.json", "chunk_00000.npz"):  # chunk 1 and the final files "lost"
+        (copy / f).write_bytes((out / f).read_bytes())
+    (copy / "chunk_00001.npz.tmp-123").write_bytes(b"partial")
+    _, b = rp.simulate(presets.tiny(), copy, progress=False)  # the analysis is a pure function
+    a = _chunks(out)
+    assert set(a) == set(b) and not list(copy.glob("*.tmp-*"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _chunks(directory):
+    return RunStore.open(directory, read_params(directory)["params"]).read_chunks()
+
+
+def test_changed_parameters_refuse_to_resume(tiny_run):
+    out, _ = tiny_run
+    with pytest.raises(ValueError, match=r"\['n_modes'\]"):
+        rp.reproduce(presets.tiny().replace(n_modes=4), out, progress=False)
+
+
+def test_kill_9_of_the_cli_then_resume_is_bit_identical(tiny_run, tmp_path):
+    """A real ``kill -9`` of ``crjax simulate`` after its first chunk, then resume."""
+    out, _ = tiny_run
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "crjax.cli", "simulate", "--preset", "tiny", "--out", str(run),
+           "--no-progress"]
+    # Slow the child's second chunk down so the kill lands between chunk 0 and chunk 1.
+    env = dict(os.environ, CRJAX_TEST_CHUNK_DELAY="60")
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        deadline = time.time() + 240
+        while not (run / "chunk_00000.npz").exists():
+            assert proc.poll() is None and time.time() < deadline, "child died before chunk 0"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "chunk_00001.npz").exists() and not (run / "results.npz").exists()
+    store = RunStore.open(run, read_params(run)["params"])
+    assert store.missing_chunks() == [1]
+    _, b = rp.simulate(presets.tiny(), run, progress=False)  # resume in-process (warm jit)
+    a = _chunks(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
