@@ -55,6 +55,7 @@ __all__ = [
     "SpectrumEstimate",
     "spectrum_estimator",
     "relative_diffusion_tensor",
+    "BinnedDispersion",
     "binned_relative_dispersion",
     "parseval",
     "SumRules",
@@ -318,10 +319,10 @@ def relative_intensity(
         positions: backtracked positions r(−T; p̂_i), ``(..., npix, 3)`` in units of Lc (e.g.
             ``Trajectory.positions``, ``(nreal, ntimes, npix, 3)``); pixel i = momentum p̂_i.
         g: ∇n/n, ``(3,)`` in 1/Lc (its magnitude scales δI linearly, C_ℓ quadratically).
-        velocities: optional *backtracking* velocities ``(..., npix, 3)`` as in
-            ``Trajectory.velocities``: the antiparticle's velocity, i.e. −p̂(−T) (crjax integrates
-            the antiparticle forward). Given together with ``K``, the (2.1) term −3 p̂(−T)·K·g
-            = +3 v·K·g is added (it stays bounded while r·g grows ∝ √T).
+        velocities: optional ``(..., npix, 3)`` momentum directions p̂(−T; p̂_i) of the particle
+            at −T, as in ``Trajectory.velocities`` of :func:`crjax.backtrack.backtrack` (the
+            particle's, not the backtracked antiparticle's, direction). Given together with ``K``,
+            the (2.1) term −3 p̂(−T)·K·g is added (bounded, while r·g grows ∝ √T).
         K: diffusion tensor ``(3, 3)`` or ``(..., 3, 3)`` whose leading axes match ``positions``'
             leading axes (without the pixel axis), e.g. ``(ntimes, 3, 3)``. In Lc (c = 1).
 
@@ -353,7 +354,7 @@ def relative_intensity(
             jnp.broadcast_shapes(Kg.shape, r.shape)
         except ValueError:
             raise ValueError(f"K shape {K.shape} does not match the positions' leading axes {r.shape[:-2]}") from None
-        di = di + 3.0 * jnp.sum(v * jnp.broadcast_to(Kg, r.shape), axis=-1)
+        di = di - 3.0 * jnp.sum(v * jnp.broadcast_to(Kg, r.shape), axis=-1)
     return di
 
 
@@ -442,3 +443,279 @@ def spectrum_estimator(
         raise ValueError(f"noise must have shape {mean.shape[:-1]} (one value per spectrum); got {noise.shape}")
     noise_l = jnp.broadcast_to(_expand_to(noise, mean.ndim - 1)[..., None], mean.shape)
     return SpectrumEstimate(mean, noise_l, mean - noise_l, sem * sem)
+
+
+# ---------------------------------------------------------------------------------------------
+# relative diffusion
+
+
+def _positions_check(positions, name="positions") -> Array:
+    r = jnp.asarray(positions)
+    if r.ndim < 2 or r.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (..., npix, 3); got {r.shape}")
+    _map_nside(r[..., 0], name)
+    check_finite(name, r)
+    return r.astype(_float_dtype(r))
+
+
+def relative_diffusion_tensor(
+    positions: Float[ArrayLike, "... ntimes npix 3"], times: Float[ArrayLike, "ntimes"]
+) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
+    """Relative diffusion tensor K̃_ij(T) of the seed's (2.4), averaged over all pairs of directions.
+
+    K̃_ij(T) = ⟨(r1 − r2)_i (r1 − r2)_j⟩ / (4T) over all N² ordered pixel pairs (the pixel
+    quadrature of ∫dp̂1/4π ∫dp̂2/4π, self-pairs included as in the continuum integral). Computed
+    exactly in O(N) memory from Σ_pairs (r1 − r2)(r1 − r2)ᵀ = 2N Σ r rᵀ − 2 (Σ r)(Σ r)ᵀ: K̃ is the
+    pixel covariance of r divided by 2T (no finite-T limit is taken; the seed's (2.4) is its
+    large-T value).
+
+    Args:
+        positions: r(−T; p̂) ``(..., ntimes, npix, 3)`` (Lc); every leading axis counts as a
+            realisation axis and is averaged over.
+        times: backtracking times T ``(ntimes,)`` (units of Lc/c), > 0.
+
+    Returns:
+        ``(K_rel, stderr)``, each ``(ntimes, 3, 3)``; the symmetric K̃ in Lc·c, and the standard
+        error of the mean over realisations (ddof = 1; NaN with a single realisation).
+    """
+    r = _positions_check(positions)
+    if r.ndim < 3:
+        raise ValueError(f"positions must have shape (..., ntimes, npix, 3); got {r.shape}")
+    t = jnp.asarray(times, dtype=r.dtype)
+    if t.ndim != 1 or t.shape[0] != r.shape[-3]:
+        raise ValueError(f"times must have shape ({r.shape[-3]},) to match positions; got {t.shape}")
+    if is_concrete(t) and not np.all(np.asarray(t) > 0):
+        raise ValueError(f"times must be > 0 (allowed range: (0, inf)); got {times!r}")
+    r = jnp.reshape(r, (-1,) + r.shape[-3:])
+    dr = r - jnp.mean(r, axis=-2, keepdims=True)  # centred: the identity without cancellation
+    cov = jnp.einsum("...ni,...nj->...ij", dr, dr) / r.shape[-2]
+    k_rel = cov / (2.0 * t)[None, :, None, None]
+    mean = jnp.mean(k_rel, axis=0)
+    n = k_rel.shape[0]
+    if n < 2:
+        return mean, jnp.full_like(mean, jnp.nan)
+    return mean, jnp.sqrt(jnp.var(k_rel, axis=0, ddof=1) / n)
+
+
+class BinnedDispersion(NamedTuple):
+    """⟨Δr_i Δr_j⟩ of pixel pairs binned in their separation x = p̂1·p̂2."""
+
+    edges: Array  # (nbins+1,) bin edges in x
+    mean: Array  # (..., nbins, 3, 3) mean of (r1 − r2)(r1 − r2)ᵀ over the pairs of each bin; NaN if empty
+    counts: Array  # (nbins,) number of ordered pairs (self-pairs excluded)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _binned_sums(r, d, edges, nbins: int, chunk: int):
+    # r: (npix, B, 3) centred positions; d: (npix, 3) pixel directions.
+    npix, B, _ = r.shape
+    q = jnp.einsum("nbi,nbj->nbij", r, r)
+    z = jnp.concatenate(
+        [jnp.ones((npix, 1), r.dtype), jnp.reshape(r, (npix, 3 * B)), jnp.reshape(q, (npix, 9 * B))],
+        axis=1,
+    )
+    nchunks = -(-npix // chunk)
+    pad = nchunks * chunk - npix
+    rows_d = jnp.pad(d, ((0, pad), (0, 0)))
+    rows_r = jnp.pad(r, ((0, pad), (0, 0), (0, 0)))
+    rows_w = jnp.pad(jnp.ones((npix,), r.dtype), (0, pad))
+    lo, hi = edges[0], edges[-1]
+
+    def onehot(x):
+        idx = jnp.clip(jnp.searchsorted(edges, x, side="right") - 1, 0, nbins - 1)
+        inside = (x >= lo) & (x <= hi)
+        bins = _expand_to(jnp.arange(nbins), idx.ndim + 1)
+        return ((idx[..., None] == bins) & inside[..., None]).astype(r.dtype)
+
+    def body(carry, k):
+        tot, cnt = carry
+        sl = k * chunk
+        di = jax.lax.dynamic_slice_in_dim(rows_d, sl, chunk)
+        ri = jax.lax.dynamic_slice_in_dim(rows_r, sl, chunk)
+        wi = jax.lax.dynamic_slice_in_dim(rows_w, sl, chunk)
+        x = jnp.clip(di @ d.T, -1.0, 1.0)  # (c, npix)
+        h = onehot(x)  # (c, npix, nbins)
+        s = jnp.einsum("cnb,nk->cbk", h, z)  # one GEMM: pair counts, Σ r_j, Σ r_j r_jᵀ per bin
+        n_ib = s[..., 0]
+        s1 = jnp.reshape(s[..., 1 : 1 + 3 * B], (chunk, nbins, B, 3))
+        s2 = jnp.reshape(s[..., 1 + 3 * B :], (chunk, nbins, B, 3, 3))
+        # Σ_{j∈bin} (r_i − r_j)(r_i − r_j)ᵀ = n r_i r_iᵀ − r_i S1ᵀ − S1 r_iᵀ + S2
+        rr = jnp.einsum("cbi,cbj->cbij", ri, ri)
+        cross = jnp.einsum("cbi,cnbj->cnbij", ri, s1)
+        term = (
+            n_ib[:, :, None, None, None] * rr[:, None]
+            - cross
+            - jnp.swapaxes(cross, -1, -2)
+            + s2
+        )
+        tot = tot + jnp.einsum("c,cnbij->bnij", wi, term)
+        self_bin = onehot(jnp.clip(jnp.sum(di * di, axis=-1), -1.0, 1.0))  # x_ii = 1: not a pair
+        cnt = cnt + wi @ n_ib - wi @ self_bin
+        return (tot, cnt), None
+
+    init = (jnp.zeros((B, nbins, 3, 3), r.dtype), jnp.zeros((nbins,), r.dtype))
+    (tot, cnt), _ = jax.lax.scan(body, init, jnp.arange(nchunks))
+    return tot, cnt
+
+
+def binned_relative_dispersion(
+    positions: Float[ArrayLike, "... npix 3"],
+    *,
+    bins: int | Float[ArrayLike, "nb1"] = 10,
+    chunk_size: int | None = None,
+) -> BinnedDispersion:
+    """⟨Δr_i Δr_j⟩ = ⟨(r1 − r2)_i (r1 − r2)_j⟩ over pixel pairs binned in x = p̂1·p̂2 (seed §2, (2.4)).
+
+    Dividing by 4T gives the separation-resolved relative diffusion tensor; the count-weighted sum
+    over bins divided by Npix² equals 4T·K̃ of :func:`relative_diffusion_tensor` (self-pairs add 0).
+
+    Args:
+        positions: r(−T; p̂_i) ``(..., npix, 3)`` on the HEALPix grid (RING); leading axes are kept.
+        bins: number of equal-width bins in x ∈ [−1, 1] (equal solid angle of separation), or
+            increasing edges ``(nbins+1,)`` within [−1, 1]; pairs outside the edges are dropped.
+        chunk_size: pixel rows per step (memory ∝ chunk_size·Npix·nbins); default keeps each
+            step's temporaries near 32 MB, so nside 32 fits easily.
+
+    Returns:
+        :class:`BinnedDispersion` (edges, mean ``(..., nbins, 3, 3)``, counts ``(nbins,)``).
+    """
+    from .sky import healpix_directions
+
+    r = _positions_check(positions)
+    npix = r.shape[-2]
+    nside = npix_to_nside(npix)
+    if isinstance(bins, numbers.Integral) and not isinstance(bins, bool):
+        check_int_at_least("bins", bins, 1)
+        edges = np.linspace(-1.0, 1.0, int(bins) + 1)
+    else:
+        edges = np.asarray(bins, dtype=np.float64)
+        if (
+            edges.ndim != 1
+            or edges.size < 2
+            or not np.all(np.isfinite(edges))
+            or np.any(np.diff(edges) <= 0)
+            or edges[0] < -1.0
+            or edges[-1] > 1.0
+        ):
+            raise ValueError(
+                "bins must be an integer >= 1 or strictly increasing edges within [-1, 1]; "
+                f"got {bins!r}"
+            )
+    nbins = edges.size - 1
+    batch = r.shape[:-2]
+    rb = jnp.moveaxis(jnp.reshape(r, (-1, npix, 3)), 0, 1)  # (npix, B, 3)
+    rb = rb - jnp.mean(rb, axis=0, keepdims=True)  # differences are translation invariant
+    nb = rb.shape[1]
+    if chunk_size is None:
+        budget = 2**22  # elements (32 MB in float64) per temporary
+        chunk_size = max(1, min(npix, budget // (nbins * npix), budget // (nbins * (1 + 12 * nb))))
+    check_int_at_least("chunk_size", chunk_size, 1)
+    d = healpix_directions(nside, dtype=r.dtype)
+    tot, cnt = _binned_sums(rb, d, jnp.asarray(edges, dtype=r.dtype), nbins, int(chunk_size))
+    safe = jnp.where(cnt > 0, cnt, 1.0)
+    mean = jnp.where((cnt > 0)[None, :, None, None], tot / safe[None, :, None, None], jnp.nan)
+    mean = jnp.reshape(mean, batch + (nbins, 3, 3))
+    return BinnedDispersion(jnp.asarray(edges, dtype=r.dtype), mean, cnt)
+
+
+# ---------------------------------------------------------------------------------------------
+# sum rules
+
+
+def parseval(
+    maps: Float[ArrayLike, "... npix"], *, lmax: int | None = None, mask=None
+) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+    """Both sides of the pixel Parseval relation: (Σ_{ℓ≤ℓmax} (2ℓ+1) C_ℓ/4π, pixel mean of m²).
+
+    Not an identity on a HEALPix grid: the pixel sum is only a quadrature. For smooth maps
+    band-limited below ℓmax they agree to the pixelisation error (~1e-3 at nside 8, ∝ nside⁻²);
+    for white noise the harmonic side holds only (ℓmax+1)²/Npix of the variance (3/4 at
+    ℓmax = 3·nside − 1), the rest lies above ℓmax. With ``mask``, both sides use the masked map.
+    """
+    maps = jnp.asarray(maps)
+    cl = power_spectrum(maps, lmax=lmax, mask=mask)
+    ell = jnp.arange(cl.shape[-1], dtype=cl.dtype)
+    harmonic = jnp.sum(_expand_to(2.0 * ell + 1.0, cl.ndim) * cl, axis=-1) / _FOUR_PI
+    m = maps.astype(cl.dtype)
+    if mask is not None:
+        mk = _expand_to(jnp.asarray(mask, dtype=cl.dtype), m.ndim)
+        shape = jnp.broadcast_shapes(m.shape, mk.shape)
+        m = jnp.broadcast_to(m, shape) * jnp.broadcast_to(mk, shape)
+    return harmonic, jnp.mean(m * m, axis=-1)
+
+
+class SumRules(NamedTuple):
+    """Both sides of the seed's sum rules (2.5)–(2.7), each ``(...)``.
+
+    ``*_lhs`` are the harmonic sums (1/4π) Σ (2ℓ+1)⟨C_ℓ⟩ (ℓ ≥ 0, ℓ = 0, ℓ ≥ 1), including
+    ``above_lmax``; ``*_rhs`` are 2T g·K·g, 2T g·(K − K̃)·g and 2T g·K̃·g.
+    """
+
+    total_lhs: Array  # (2.5)
+    total_rhs: Array
+    monopole_lhs: Array  # (2.6)
+    monopole_rhs: Array
+    multipole_lhs: Array  # (2.7)
+    multipole_rhs: Array
+    above_lmax: Array  # power assigned to ℓ > ℓmax (0 unless ``noise`` is given)
+
+
+def sum_rules(
+    mean_cls: Float[ArrayLike, "... L"],
+    K: Float[ArrayLike, "... 3 3"],
+    K_rel: Float[ArrayLike, "... 3 3"],
+    T: Float[ArrayLike, "..."],
+    g: Float[ArrayLike, "3"],
+    *,
+    npix: int,
+    noise: Float[ArrayLike, "..."] | None = None,
+) -> SumRules:
+    """The seed's sum rules (2.5)–(2.7) for ensemble averages, both sides.
+
+    (2.5) (1/4π) Σ_{ℓ≥0} (2ℓ+1)⟨C_ℓ⟩ ≃ 2T K_ij g_i g_j, (2.6) ⟨C_0⟩/4π ≃ 2T (K − K̃)_ij g_i g_j,
+    (2.7) (1/4π) Σ_{ℓ≥1} (2ℓ+1)⟨C_ℓ⟩ ≃ 2T K̃_ij g_i g_j, with K = ⟨r rᵀ⟩/2T (direction-averaged,
+    e.g. ``crjax.transport.diffusion_tensor``) and K̃ from :func:`relative_diffusion_tensor` at the
+    same T, so the right-hand sides equal the pixel means exactly and (2.6) holds to round-off.
+
+    **Power above ℓmax.** ``mean_cls`` stops at ℓmax, but a pixel map has Npix harmonic degrees of
+    freedom. Late-time maps are dominated by shot noise, which is white: each of the
+    Npix − (ℓmax+1)² unresolved degrees of freedom carries the noise level N (3.1). Passing
+    ``noise`` = N adds ``above_lmax`` = N·max(Npix − (ℓmax+1)², 0)/4π to the ℓ ≥ 0 and ℓ ≥ 1 sums;
+    without it (smooth, band-limited maps) nothing is added and the sums agree to the HEALPix
+    quadrature error (:func:`parseval`).
+
+    Args:
+        mean_cls: ⟨C_ℓ⟩ ``(..., ℓmax+1)``; K, K_rel: ``(..., 3, 3)``; T: ``(...)`` (broadcast);
+        g: ``(3,)``; npix: pixels per map; noise: N ``(...)`` or None.
+    """
+    cl = jnp.asarray(mean_cls)
+    K, K_rel, g = jnp.asarray(K), jnp.asarray(K_rel), jnp.asarray(g)
+    if K.shape[-2:] != (3, 3) or K_rel.shape[-2:] != (3, 3):
+        raise ValueError(f"K and K_rel must have shape (..., 3, 3); got {K.shape} and {K_rel.shape}")
+    if g.shape != (3,):
+        raise ValueError(f"g must be a 3-vector (shape (3,)); got shape {g.shape}")
+    check_int_at_least("npix", npix, 12)
+    npix_to_nside(npix)
+    L = cl.shape[-1]
+    ell = jnp.arange(L, dtype=cl.dtype)
+    weighted = _expand_to(2.0 * ell + 1.0, cl.ndim) * cl / _FOUR_PI
+    lhs0 = weighted[..., 0]
+    lhs1 = jnp.sum(weighted[..., 1:], axis=-1)
+    if noise is None:
+        above = jnp.zeros_like(lhs0)
+    else:
+        above = jnp.asarray(noise, dtype=cl.dtype) * max(npix - L * L, 0) / _FOUR_PI
+        above = jnp.broadcast_to(_expand_to(above, lhs0.ndim), lhs0.shape)
+    T = jnp.asarray(T, dtype=cl.dtype)
+    two_t = 2.0 * _expand_to(T, K.ndim - 2) if T.ndim <= K.ndim - 2 else 2.0 * T
+    gkg = jnp.einsum("...ij,i,j->...", K, g, g)
+    gkrg = jnp.einsum("...ij,i,j->...", K_rel, g, g)
+    return SumRules(
+        total_lhs=lhs0 + lhs1 + above,
+        total_rhs=two_t * gkg,
+        monopole_lhs=lhs0,
+        monopole_rhs=two_t * (gkg - gkrg),
+        multipole_lhs=lhs1 + above,
+        multipole_rhs=two_t * gkrg,
+        above_lmax=above,
+    )
