@@ -132,9 +132,7 @@ _SCRIPT = textwrap.dedent(
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(_SCRIPT)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    subprocess.run([sys.executable, str(script), str(ref), "0"], check=True, timeout=120)
-
+    run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(script), str(run), "30"])
     try:
         deadline = time.time() + 120
@@ -148,6 +146,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert not (run / "chunk_00001.npz").exists()
 
     subprocess.run([sys.executable, str(script), str(run), "0"], check=True, timeout=120)
-    a = RunStore.open(ref, read_params(ref)["params"]).read_chunks()
     b = RunStore.open(run, read_params(run)["params"]).read_chunks()
-    np.testing.assert_array_equal(a["x"], b["x"])  # bit for bit
+    # Reference: the same computation uninterrupted, in this process.
+    key = jax.random.PRNGKey(11)
+    ref = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, r), (5,)))
+                    for r in range(6)])
+    np.testing.assert_array_equal(b["x"], ref)  # bit for bit
