@@ -1,0 +1,410 @@
+"""Backtracking: analytic helices, invariants, reversibility, sign convention, ensembles, gradients.
+
+References we did not write: the analytic helix in a uniform field (and the Boris map's known
+exact discrete helix, Ω' = (2/h) arctan(Ωh/2)), Taylor expansion of the Lorentz force at t → 0,
+healpy pixel centres, finite differences (``jax.test_util.check_grads``) and physics.md §7.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import crjax
+from crjax.backtrack import (
+    Trajectory,
+    _auto_substeps,
+    _propagate_jit,
+    _step_grid,
+    backtrack,
+    propagate,
+    run_ensemble,
+)
+from crjax.field import FieldParams, realise_field, uniform_field
+
+RL = 0.1
+TIMES = np.array([0.05, 0.3, 1.0])  # tΩ = 0.5, 3, 10
+EPS64 = np.finfo(np.float64).eps
+
+
+@pytest.fixture(scope="module")
+def dirs():
+    return crjax.healpix_directions(2)  # 48 directions
+
+
+@pytest.fixture(scope="module")
+def turb():
+    """A small seed-like realisation (σ² = 1, λ 0.01–100 Lc) with 64 modes: cheap but chaotic."""
+    return realise_field(jax.random.PRNGKey(7), FieldParams(n_modes=64))
+
+
+@pytest.fixture(scope="module")
+def b0_only(turb):
+    """Pure B0 = ẑ as a 64-mode field with zero amplitudes: same shapes as ``turb``, so the tests
+    share compiled code (checked against ``uniform_field`` below)."""
+    return eqx.tree_at(lambda f: f.amplitudes, turb, jnp.zeros_like(turb.amplitudes))
+
+
+def test_b0_only_is_uniform(b0_only):
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+    np.testing.assert_allclose(b0_only(x), uniform_field()(x), atol=1e-15)
+
+
+def _helix(p, times, rL, phase):
+    """Antiparticle (charge −1) from 0 with velocity −p̂ in B = ẑ: returns particle-convention
+    (positions r(−T), velocities p̂(−T)). ``phase`` is the gyration phase Φ(T) (ΩT exactly)."""
+    w0 = -(p[:, 0] + 1j * p[:, 1])  # antiparticle's transverse velocity, complex
+    # dw/dt = −i s Ω w with s = −1: w = w0 e^{iΦ}; position = ∫w dt = w0 (e^{iΦ} − 1)/(iΩ).
+    e = np.exp(1j * phase[:, None])
+    pos_perp = w0[None] * (e - 1) * rL / 1j
+    vel_perp = w0[None] * e
+    pos = np.stack([pos_perp.real, pos_perp.imag, -p[None, :, 2] * times[:, None]], -1)
+    vel = -np.stack([vel_perp.real, vel_perp.imag, -np.broadcast_to(p[None, :, 2], vel_perp.shape)], -1)
+    return pos, vel
+
+
+def _boris_phase(times, rL, dt):
+    """Gyration phase of the Boris map: each push of length h rotates v by 2 arctan(Ωh/2)."""
+    k = _auto_substeps(times, dt)
+    grid = _step_grid(times, dt, k)
+    h = np.repeat(np.diff(grid) / k, k)
+    t = np.concatenate([[0.0], np.cumsum(h)])
+    phase = np.concatenate([[0.0], np.cumsum(2 * np.arctan(h / (2 * rL)))])
+    return np.interp(times, t, phase)
+
+
+# --------------------------------------------------------------------------------------------
+# pure B0: analytic helices
+
+
+def test_boris_is_exact_discrete_helix(dirs, b0_only):
+    p = np.asarray(dirs)
+    tr = backtrack(b0_only, dirs, TIMES, rL=RL)
+    assert isinstance(tr, Trajectory)
+    assert tr.positions.shape == (3, 48, 3) and tr.velocities.shape == (3, 48, 3)
+    assert tr.positions.dtype == jnp.float64
+    pos, vel = _helix(p, TIMES, RL, _boris_phase(TIMES, RL, RL / 20))
+    # The Boris orbit in a uniform field is exactly a helix of radius rL with phase Σ 2arctan(Ωh/2):
+    # only round-off differs, ~ steps (~200) · eps · |r| ≲ 1e-13.
+    np.testing.assert_allclose(tr.positions, pos, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tr.velocities, vel, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_boris_second_order_in_dt(dirs, b0_only):
+    p = np.asarray(dirs)
+    times = np.array([0.8])  # 80 or 160 pushes: whole numbers of 16-push diffrax steps, so h = dt
+    exact, _ = _helix(p, times, RL, times / RL)
+    errs = []
+    for dt in (RL / 10, RL / 20):
+        tr = backtrack(b0_only, dirs, times, rL=RL, dt=dt)
+        errs.append(np.abs(np.asarray(tr.positions) - exact).max())
+    # Phase error Ω³h²T/12 → halving h divides the error by 4 (3.8–4.2 allows the O(h⁴) term).
+    assert 3.8 < errs[0] / errs[1] < 4.2
+    # and its size is the known phase error times rL (chord ≤ rL·ΔΦ)
+    assert errs[1] <= RL * (times[0] / RL) * (0.05**2) / 12 * 1.01
+
+
+@pytest.fixture(scope="module")
+def b0_rk(dirs, b0_only):
+    return backtrack(b0_only, dirs, TIMES, rL=RL, solver="tsit5", rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_rk_matches_helix(dirs, b0_rk):
+    pos, vel = _helix(np.asarray(dirs), TIMES, RL, TIMES / RL)
+    # rtol 1e-10 per step, ~100 steps, dense output at save times: 1e-8 absolute is ample.
+    np.testing.assert_allclose(b0_rk.positions, pos, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(b0_rk.velocities, vel, rtol=0, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_dopri8_matches_helix(dirs, b0_only):
+    pos, vel = _helix(np.asarray(dirs), TIMES, RL, TIMES / RL)
+    tr = backtrack(b0_only, dirs, TIMES, rL=RL, solver="dopri8", rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tr.positions, pos, rtol=0, atol=1e-8)
+
+
+def test_pure_b0_moments_isotropic_formulae(dirs, b0_rk):
+    """⟨Δz²⟩ = t²/3, ⟨Δx²⟩ = (2/3)rL²(1 − cos Ωt) (physics.md §7) over HEALPix nside 2."""
+    p = np.asarray(dirs)
+    # The only deviation allowed is the HEALPix quadrature error of ⟨μ²⟩ (healpy pixel centres:
+    # 0.0081 at nside 2).
+    quad = abs((p[:, 2] ** 2).mean() - 1 / 3)
+    r = np.asarray(b0_rk.positions)
+    z2 = (r[..., 2] ** 2).mean(-1)
+    np.testing.assert_allclose(z2 / TIMES**2, 1 / 3, rtol=0, atol=quad + 1e-9)
+    x2 = (r[..., 0] ** 2).mean(-1)
+    bound = 2 / 3 * RL**2 * (1 - np.cos(TIMES / RL))
+    # ⟨Δx²⟩ ∝ ⟨(1 − μ²)⟩/2 = 1/3 + quad/2 on the grid: relative quadrature error 1.5·quad.
+    np.testing.assert_allclose(x2, bound, rtol=1.5 * quad + 1e-8)
+
+
+BALLISTIC_T = np.array([1e-3 * RL, 2e-3 * RL])
+
+
+def test_sign_convention_taylor(dirs, b0_only):
+    """r(−T) = −p̂T + a T²/2 + O(T³) with the *particle's* acceleration a = p̂ × B/rL (charge +):
+    Taylor expansion of the particle's own trajectory backwards in time."""
+    p = np.asarray(dirs)
+    T = BALLISTIC_T
+    tr = backtrack(b0_only, dirs, T, rL=RL, dt=T[0] / 4)
+    a = np.cross(p, [0.0, 0.0, 1.0]) / RL
+    expect = -p[None] * T[:, None, None] + 0.5 * a[None] * T[:, None, None] ** 2
+    # next Taylor term ~ T³/(6 rL²) = 3e-3 T²/(2 rL)·(T/1e-4): a tolerance of 1% of the T² term
+    np.testing.assert_allclose(tr.positions, expect, rtol=0, atol=1e-2 * 0.5 * T[-1] ** 2 / RL)
+    # e.g. p̂ ⊥ ẑ: a positive particle gyrates clockwise seen from +z; the opposite sense fails
+    wrong = -p[None] * T[:, None, None] - 0.5 * a[None] * T[:, None, None] ** 2
+    assert not np.allclose(tr.positions, wrong, rtol=0, atol=1e-2 * 0.5 * T[-1] ** 2 / RL)
+
+
+# --------------------------------------------------------------------------------------------
+# turbulence: limits and invariants
+
+
+def test_ballistic_limit(dirs, turb):
+    T = BALLISTIC_T
+    tr = backtrack(turb, dirs, T, rL=RL, dt=T[0] / 4)
+    p = np.asarray(dirs)
+    # |dv/dt| ≤ max|B|/(rL B0) ≤ (B0 + Σ|A_n|)/rL, so |r(−T) + p̂T| ≤ T²·that/2 (Taylor remainder).
+    bmax = 1.0 + float(jnp.sum(jnp.linalg.norm(turb.amplitudes, axis=-1)))
+    dev = np.linalg.norm(np.asarray(tr.positions) + p[None] * T[:, None, None], axis=-1)
+    assert np.all(dev <= 0.5 * T[:, None] ** 2 * bmax / RL)
+    # ⟨x_i²⟩/T² → 1/3 up to the HEALPix quadrature (< 0.0082 at nside 2) and O(T/rL) = 2e-3
+    m2 = (np.asarray(tr.positions) ** 2).mean(1) / T[:, None] ** 2
+    np.testing.assert_allclose(m2, 1 / 3, atol=0.0082 + 4e-3)
+
+
+def test_boris_speed_and_reversibility(dirs, turb):
+    T = np.array([0.8])  # tΩ = 8, 160 pushes through strong turbulence
+    tr = backtrack(turb, dirs, T, rL=RL)
+    speed = np.linalg.norm(np.asarray(tr.velocities), axis=-1)
+    # Boris rotates v exactly: only round-off, a random walk of ~√160·eps per component.
+    assert np.abs(speed - 1).max() < 100 * EPS64
+    fwd = propagate(turb, tr.positions[-1], tr.velocities[-1], T, rL=RL, charge=1.0)
+    # Back then forward returns to the origin with direction p̂: the drift–kick–drift Boris map is
+    # time symmetric, so only round-off (amplified by chaos, e^{λT} with λT ≲ 10) remains.
+    np.testing.assert_allclose(fwd.positions[-1], 0.0, atol=1e-9)
+    np.testing.assert_allclose(fwd.velocities[-1], dirs, atol=1e-9)
+
+
+def test_rk_reversibility(dirs, turb):
+    tr = backtrack(turb, dirs, TIMES, rL=RL, solver="tsit5", rtol=1e-10, atol=1e-12)
+    fwd = propagate(turb, tr.positions[-1], tr.velocities[-1], TIMES, rL=RL, solver="tsit5",
+                    rtol=1e-10, atol=1e-12)
+    # rtol 1e-10 per step, ~1000 steps each way, chaos over tΩ = 10 (e^{λT} ≲ 1e3): 1e-5
+    np.testing.assert_allclose(fwd.positions[-1], 0.0, atol=1e-5)
+    np.testing.assert_allclose(fwd.velocities[-1], dirs, atol=1e-5)
+    assert np.all(tr.num_steps > 0)
+
+
+def test_float32_option(dirs, turb):
+    t64 = backtrack(turb, dirs, TIMES, rL=RL)
+    t32 = backtrack(turb, dirs, TIMES, rL=RL, dtype=jnp.float32)
+    assert t32.positions.dtype == jnp.float32 and t32.velocities.dtype == jnp.float32
+    # fp32 round-off 6e-8 per operation, ~60 pushes to tΩ = 3, the field summed over 64 modes:
+    # ~1e-6 relative; 2e-5 absolute on |r| ≲ 0.3 leaves room for the short-horizon chaos.
+    np.testing.assert_allclose(t32.positions[:2], t64.positions[:2], atol=2e-5)
+    speed = np.linalg.norm(np.asarray(t32.velocities, np.float64), axis=-1)
+    assert np.abs(speed - 1).max() < 200 * 1.2e-7  # |v|: fp32 round-off walk over 200 pushes
+
+
+# --------------------------------------------------------------------------------------------
+# API: compile cache, bad input
+
+
+def test_no_recompile_same_shapes(dirs, turb):
+    backtrack(turb, dirs, TIMES, rL=RL)
+    size = _propagate_jit._cache_size()
+    # Different rL (same dt), directions and field values with the same shapes: no recompile.
+    other = realise_field(jax.random.PRNGKey(8), FieldParams(n_modes=64, sigma2=0.5))
+    backtrack(other, jnp.roll(dirs, 1, axis=0), TIMES, rL=0.11, dt=RL / 20)
+    propagate(turb, jnp.ones((48, 3)), dirs, TIMES, rL=RL)
+    assert _propagate_jit._cache_size() == size
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rL=0.0), "rL"),
+        (dict(rL=-1.0), "rL"),
+        (dict(rL=0.1, dt=0.0), "dt"),
+        (dict(rL=0.1, times=[]), "times"),
+        (dict(rL=0.1, times=[0.2, 0.1]), "times"),
+        (dict(rL=0.1, times=[0.0, 0.1]), "times"),
+        (dict(rL=0.1, directions=np.ones((4, 2))), "directions"),
+        (dict(rL=0.1, solver="euler"), "solver"),
+        (dict(rL=0.1, dtype=jnp.int32), "dtype"),
+        (dict(rL=0.1, solver="tsit5", max_steps=0), "max_steps"),
+        (dict(rL=0.1, max_steps=3), "max_steps"),
+        (dict(rL=0.1, directions=0), "nside"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = dict(directions=np.eye(3), times=[0.1])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        backtrack(uniform_field(), args.pop("directions"), args.pop("times"), **args)
+
+
+def test_zero_regular_field_needs_b_ref(dirs, turb):
+    f0 = eqx.tree_at(lambda f: f.b0, turb, jnp.zeros(3))
+    with pytest.raises(ValueError, match="b_ref"):
+        backtrack(f0, dirs, TIMES, rL=RL)
+    tr = backtrack(f0, dirs, TIMES, rL=RL, b_ref=1.0)
+    assert np.all(np.isfinite(tr.positions))
+
+
+# --------------------------------------------------------------------------------------------
+# ensembles
+
+
+def _moments(traj):
+    return jnp.einsum("...ni,...nj->...ij", traj.positions, traj.positions)
+
+
+def test_run_ensemble_chunking_and_resume(key, dirs):
+    # 64 modes and 48 directions: the direct backtracks below reuse the module's compiled code
+    params = FieldParams(n_modes=64)
+    seen = []
+    full = run_ensemble(params, key, 4, dirs, TIMES, rL=RL, chunk_size=2,
+                        on_chunk=lambda i, r: seen.append((i, r.positions.shape[0])))
+    assert seen == [(0, 2), (2, 2)]
+    # Without a reducer: stacked Trajectories with a leading realisation axis.
+    assert isinstance(full, Trajectory) and full.positions.shape == (4, 3, 48, 3)
+    # Realisation r uses fold_in(key, r): a resumed run and a direct backtrack of that field give
+    # the same numbers, so nothing depends on chunking. (A few ulp: XLA may vectorise the
+    # vmapped and the single computation differently.)
+    resumed = run_ensemble(params, key, 4, dirs, TIMES, rL=RL, chunk_size=2, start=2)
+    np.testing.assert_array_equal(resumed.positions, full.positions[2:])
+    for r in (0, 3):
+        direct = backtrack(realise_field(jax.random.fold_in(key, r), params), dirs, TIMES, rL=RL)
+        np.testing.assert_allclose(full.positions[r], direct.positions, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(full.velocities[r], direct.velocities, rtol=0, atol=1e-12)
+    # A reducer runs inside the jit and returns per-realisation summaries.
+    red = run_ensemble(params, key, 2, dirs, TIMES, rL=RL, chunk_size=2, reducer=_moments)
+    np.testing.assert_allclose(red, _moments(full)[:2], rtol=1e-12, atol=1e-15)
+
+
+def test_run_ensemble_bad_input(key):
+    dirs = crjax.healpix_directions(1)
+    params = FieldParams(n_modes=4)
+    with pytest.raises(ValueError, match="n_realisations"):
+        run_ensemble(params, key, 0, dirs, TIMES, rL=RL)
+    with pytest.raises(ValueError, match="start"):
+        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, start=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, chunk_size=0)
+    with pytest.raises(ValueError, match="reducer"):
+        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, reducer=lambda tr: jnp.sum(tr.positions))
+
+
+# --------------------------------------------------------------------------------------------
+# gradients (short horizon: tΩ = 1, before chaos amplifies, physics.md §8)
+
+
+def _short_observable(sigma2, rL, bdir, adjoint=None):
+    params = FieldParams(sigma2=sigma2, b0_direction=bdir, n_modes=16)
+    field = realise_field(jax.random.PRNGKey(1), params)
+    # times and dt concrete (they fix the step count) so that rL can be traced; 20 pushes.
+    tr = backtrack(field, crjax.healpix_directions(1), np.array([0.1]), rL=rL, dt=0.005,
+                   adjoint=adjoint)
+    return jnp.mean(jnp.sum(tr.positions**2, axis=-1))
+
+
+_GRAD_ARGS = (jnp.asarray(1.0), jnp.asarray(0.1), jnp.array([0.1, 0.2, 1.0]))
+
+
+def test_gradients_forward_mode():
+    # Forward mode (diffrax.ForwardMode: memory independent of the step count) — the cheaper
+    # compile; reverse mode is checked in the slow tier. Central differences with eps 1e-4 on a
+    # smooth O(1e-2) observable: check_grads' fp64 tolerance (1e-5 relative) covers O(eps²).
+    fwd = jax.jit(lambda *a: _short_observable(*a, adjoint=diffrax.ForwardMode()))
+    check_grads(fwd, _GRAD_ARGS, order=1, modes=("fwd",), eps=1e-4)
+
+
+@pytest.mark.slow
+def test_gradients_reverse_mode():
+    check_grads(jax.jit(_short_observable), _GRAD_ARGS, order=1, modes=("rev",), eps=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# slow validations
+
+
+@pytest.mark.slow
+def test_boris_speed_conserved_1e5_steps():
+    field = realise_field(jax.random.PRNGKey(3), FieldParams())
+    p = crjax.healpix_directions(1)
+    tr = backtrack(field, p, np.array([1e5 * RL / 20]), rL=RL)
+    assert int(tr.num_steps[0]) >= 100_000
+    speed = np.linalg.norm(np.asarray(tr.velocities), axis=-1)
+    # Round-off random walk over 1e5 pushes: ~√1e5·eps ≈ 7e-14; 1e-12 allows a biased walk.
+    print(f"max ||v|-1| after {int(tr.num_steps[0])} Boris pushes: {np.abs(speed - 1).max():.2e}")
+    assert np.abs(speed - 1).max() < 1e-12
+
+
+@pytest.mark.slow
+def test_boris_and_rk_agree_statistically(key):
+    """K_∥, K_⊥ (seed field) from Boris at the default step and Tsit5 (rtol 1e-8) agree."""
+    from crjax.transport import diffusion_tensor_from_moments, parallel_perpendicular
+
+    params = FieldParams()
+    dirs = crjax.healpix_directions(4)
+    times = np.array([2.0, 5.0])  # tΩ = 20, 50
+    red = lambda tr: jnp.einsum("rtni,rtnj->rtij", tr.positions, tr.positions) / 192  # noqa: E731
+    out = {}
+    for solver in ("boris", "tsit5"):
+        m = run_ensemble(params, key, 8, dirs, times, rL=RL, chunk_size=4, reducer=red,
+                         solver=solver)
+        out[solver] = np.stack(parallel_perpendicular(m / (2 * times[:, None, None]), [0, 0, 1]))
+    # Same realisations: compare the paired per-realisation differences with their spread.
+    d = out["boris"] - out["tsit5"]  # (2, nreal, ntimes)
+    mean, se = d.mean(1), d.std(1, ddof=1) / np.sqrt(d.shape[1])
+    ref = out["tsit5"].mean(1)
+    print("K_par, K_perp (tsit5):", ref, "\nBoris - tsit5:", mean, "+-", se)
+    assert np.all(np.abs(mean) < 3 * se + 0.02 * np.abs(ref))
+    K, err = diffusion_tensor_from_moments(m, times)
+    assert np.all(np.isfinite(err))
+
+
+@pytest.mark.slow
+def test_slab_quasilinear_pitch_angle_diffusion(key):
+    """D_μμ(μ) from short-time ⟨Δμ²⟩/(2t) vs quasi-linear theory (physics.md §7), σ² ≪ 1, slab."""
+    from crjax.field import KolmogorovSpectrum
+
+    sigma2, rL = 0.01, 0.1
+    lmin, lmax, n_modes = 0.01, 100.0, 512
+    params = FieldParams(sigma2=sigma2, lmin=lmin, lmax=lmax, geometry="slab", n_modes=n_modes,
+                         spectrum=KolmogorovSpectrum())
+    mus = np.array([0.2, 0.35, 0.5, 0.7])
+    # many gyro-phases per μ: directions on rings of constant μ
+    phi = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    p = np.concatenate([np.stack([np.sqrt(1 - m**2) * np.cos(phi), np.sqrt(1 - m**2) * np.sin(phi),
+                                  np.full_like(phi, m)], -1) for m in mus])
+    # t: many gyrations (resonance is sharp) but ≪ scattering time 1/D_μμ ~ rL/σ² ~ 10.
+    times = np.array([1.0, 2.0])  # tΩ = 10, 20
+    n_real = 48
+    mu_t = run_ensemble(params, key, n_real, p, times, rL=rL, chunk_size=8, dt=rL / 40,
+                        reducer=lambda tr: tr.velocities[..., 2])  # (nreal, ntimes, npix)
+    mu_t = np.asarray(mu_t).reshape(n_real, len(times), len(mus), len(phi))
+    dmu2 = ((mu_t - mus[None, None, :, None]) ** 2).mean((0, 3))  # (ntimes, nmu)
+    # Δμ² grows linearly once t ≫ 1/(k v μ): use the slope between the two times.
+    d_sim = (dmu2[1] - dmu2[0]) / (2 * (times[1] - times[0]))
+    # QLT: D = π Ω² (1−μ²) P(k_res)/(B0² |μ|), P per transverse component with ∫P dk = σ²/2 over
+    # −∞..∞. For the Kolmogorov G_n = k³/(1+k^γ) on log-spaced k, E(k) ∝ k²/(1+k^γ) on [k_lo, k_hi]
+    # (one-sided): P(k) = (σ²/2)·E(|k|)/(2∫E dk) for each sign of k.
+    from scipy.integrate import quad
+
+    gamma = 11 / 3
+    E = lambda k: k**2 / (1 + k**gamma)  # noqa: E731
+    klo, khi = 2 * np.pi / lmax, 2 * np.pi / lmin
+    norm = quad(E, klo, khi, limit=500, points=[1.0])[0]
+    omega = 1 / rL
+    kres = omega / mus
+    P = 0.5 * sigma2 * E(kres) / (2 * norm)
+    d_qlt = np.pi * omega**2 * (1 - mus**2) * P / mus
+    print("mu:", mus, "\nD_sim:", d_sim, "\nD_QLT:", d_qlt, "\nratio:", d_sim / d_qlt)
+    np.testing.assert_allclose(d_sim, d_qlt, rtol=0.10)
