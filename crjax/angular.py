@@ -159,7 +159,9 @@ def _ring_tables_np(nside: int, lmax: int):
 def _ring_tables(nside: int, lmax: int, dtype: np.dtype):
     """Device copies of :func:`_ring_tables_np` in the maps' dtype (immutable constants)."""
     index, phase, lam = _ring_tables_np(nside, lmax)
-    return jnp.asarray(index), jnp.asarray(phase, dtype=dtype), jnp.asarray(lam, dtype=dtype)
+    # First use may happen inside jit/vmap: force concrete arrays so no tracer is ever cached.
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(index), jnp.asarray(phase, dtype=dtype), jnp.asarray(lam, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=4)
@@ -261,7 +263,7 @@ def power_spectrum(
         cl = _ring_cl(flat, *_ring_tables(nside, lmax, np.dtype(dtype)))
     else:
         ylm, _ = _dense_ylm_np(nside, lmax)
-        cl = _dense_cl(flat, jnp.asarray(ylm, dtype=dtype), lmax)
+        cl = _dense_cl(flat, ylm.astype(dtype), lmax)
     return jnp.reshape(cl, batch + (lmax + 1,))
 
 
