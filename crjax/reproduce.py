@@ -190,24 +190,35 @@ def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: in
     }
 
 
-def _fit_p(ell: np.ndarray, chat: np.ndarray, var: np.ndarray) -> dict:
+def _simulated_spectrum(ell, chat, var, preset: Preset, side: str, t_omega: float):
+    """Ĉ_ℓ at one time as an ``inference.data.Spectrum`` (symmetric errors √var; synthetic)."""
+    from inference.data import spectrum_from_estimate
+
+    return spectrum_from_estimate(
+        ell, chat, var, experiment="crjax simulation", synthetic=True, noise_subtracted=True,
+        provenance=(f"crjax reproduce preset {preset.name}: Chat_l = <C_l> - N, gradient {side} B0, "
+                    f"tOmega = {t_omega:g}, {preset.n_realisations} realisations, nside "
+                    f"{preset.nside}; errors: sqrt of the variance of the mean over realisations"),
+    )
+
+
+def _fit_p(spec) -> dict:
     """Fit the BGK exponent p (4.7) to the simulated Ĉ_ℓ with its realisation variance
     (``inference.fit.fit_p_map``: free amplitude, no extra noise term since N is subtracted,
     Gaussian likelihood, Laplace 68% interval)."""
-    from inference.data import spectrum_from_estimate
     from inference.fit import fit_p_map
 
-    spec = spectrum_from_estimate(ell, chat, var, experiment="crjax simulation", synthetic=True,
-                                  noise_subtracted=True)
+    ell = spec.ell
     res = fit_p_map(spec, lmin=int(ell[0]), lmax=int(ell[-1]), noise="none", likelihood="gaussian")
     return {"p_best": res.p, "p_err": res.p_err, "p_interval": list(res.p_interval),
             "amplitude": res.amplitude, "chi2": res.chi2, "dof": res.dof, "pvalue": res.pvalue,
             "fit_converged": res.converged, "ell": [int(ell[0]), int(ell[-1])]}
 
 
-def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
-    """Ensemble statistics, convergence and the fit of p. Returns ``(arrays, summary)``:
-    ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``."""
+def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, dict]:
+    """Ensemble statistics, convergence and the fit of p. Returns ``(arrays, summary, spectra)``:
+    ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``, ``spectra``
+    (``inference.data.Spectrum`` of Ĉ_ℓ at the last time, ∥ and ⊥) to spectrum text files."""
     from . import transport
     from .theory import bgk_spectrum
 
@@ -231,6 +242,7 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
         "sky_par": chunks["sky_par"][0], "sky_perp": chunks["sky_perp"][0],
     }
     summary: dict[str, Any] = {"preset": preset.name}
+    spectra = {}
     fit_ell = np.arange(1, preset.fit_ell_max + 1)
     for side, g in (("par", g_par), ("perp", g_perp)):
         cls = chunks[f"cl_{side}"]
@@ -246,8 +258,10 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
             f"ratio_{side}": ratio, f"ratio_{side}_err": rerr,
         })
         conv = _convergence(t_omega, ratio, rerr, preset.fit_ell_max)
-        fit = _fit_p(fit_ell, np.asarray(est.estimate)[-1, fit_ell],
-                     np.asarray(est.variance)[-1, fit_ell])
+        spec = _simulated_spectrum(fit_ell, np.asarray(est.estimate)[-1, fit_ell],
+                                   np.asarray(est.variance)[-1, fit_ell], preset, side, t_omega[-1])
+        spectra[side] = spec
+        fit = _fit_p(spec)
         summary[f"convergence_{side}"] = conv
         summary[f"fit_{side}"] = fit
         arrays[f"p_best_{side}"] = fit["p_best"]
@@ -268,7 +282,7 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict]:
         "nside": preset.nside, "realizations": n, "t_omega_last": float(t_omega[-1]),
         "rL": preset.rL, "sigma2": preset.sigma2, "n_modes": preset.n_modes,
     })
-    return arrays, summary
+    return arrays, summary, spectra
 
 
 def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str]:
@@ -345,11 +359,16 @@ def reproduce(
     t0 = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
     store, chunks = simulate(preset, out, resume=resume, progress=progress)
-    arrays, summary = analyse(chunks, preset)
+    arrays, summary, spectra = analyse(chunks, preset)
     store.write_results(arrays)
     files = {"directory": str(store.directory), "results": str(store.directory / "results.npz"),
              "params": str(store.directory / "params.json"),
              "summary": str(store.directory / "summary.json")}
+    from inference.data import save_spectrum
+
+    for side, spec in spectra.items():  # `crjax fit <file>` refits these
+        files[f"spectrum_{side}"] = str(store.directory / f"simulated_spectrum_{side}.txt")
+        save_spectrum(files[f"spectrum_{side}"], spec)
     if figures:
         files.update(make_figures(arrays, preset, store.directory))
     summary["files"] = files

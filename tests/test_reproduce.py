@@ -165,6 +165,12 @@ def test_tiny_run_writes_everything(tiny_run):
     assert s["nside"] == 2 and s["realizations"] == 3 and isinstance(s["converged"], bool)
     lo, hi = s["p_interval"]
     assert 0 <= lo <= s["p_best"] <= hi <= 1  # tiny data: p may sit at a bound, still ordered
+    from inference.data import load_spectrum
+
+    spec = load_spectrum(out / "simulated_spectrum_par.txt")  # what `crjax fit` reads
+    r = read_results(out)
+    np.testing.assert_array_equal(spec.cl, r["chat_par"][-1, 1 : presets.tiny().fit_ell_max + 1])
+    assert spec.synthetic and spec.noise_subtracted
     prov = read_params(out)["provenance"]
     assert prov["backend"] and prov["versions"]["jax"] and read_params(out)["params"]["dtype"]
 
