@@ -115,9 +115,6 @@ def simulate(
     key = jax.random.PRNGKey(preset.seed)
     dirs = healpix_directions(preset.nside, dtype=preset.dtype)
     times = jnp.asarray(preset.times)
-    # Build angular's cached C_ℓ tables outside the ensemble jit: a first call under jit would
-    # cache traced constants (angular caches device arrays per (nside, lmax, dtype)).
-    angular.power_spectrum(jnp.zeros(preset.npix, dtype=preset.dtype), lmax=preset.ell_max)
 
     delay = float(os.environ.get("CRJAX_TEST_CHUNK_DELAY", "0"))
 
