@@ -1,4 +1,5 @@
-"""Anisotropy observables: relative-intensity maps, angular power spectra, noise, relative diffusion.
+"""Anisotropy observables: relative-intensity maps, angular power spectra, noise, relative
+diffusion.
 
 Seed §2–§3 (equation numbers refer to the seed paper; see ``../shared/physics.md`` §4).
 
@@ -39,10 +40,10 @@ import healpy as hp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float
 
 from ._checks import check_finite, check_int_at_least, is_concrete
-from .sky import npix_to_nside
+from .sky import healpix_directions, npix_to_nside
 
 __all__ = [
     "relative_intensity",
@@ -82,7 +83,9 @@ def _expand_to(x: Array, ndim: int) -> Array:
 
 def _map_nside(maps: Array, name: str = "maps") -> int:
     if maps.ndim < 1:
-        raise ValueError(f"{name} must have a trailing pixel axis of length 12*nside**2; got a scalar")
+        raise ValueError(
+            f"{name} must have a trailing pixel axis of length 12*nside**2; got a scalar"
+        )
     try:
         return npix_to_nside(maps.shape[-1])
     except ValueError as err:
@@ -101,7 +104,8 @@ def _check_lmax(lmax, nside: int) -> int:
 
 
 def _legendre_table(cos_theta: np.ndarray, lmax: int) -> np.ndarray:
-    """λ_ℓm(θ) = Y_ℓm(θ, 0) for 0 ≤ m ≤ ℓ ≤ lmax; shape (len(θ), lmax+1 [ℓ], lmax+1 [m]), 0 for m > ℓ.
+    """λ_ℓm(θ) = Y_ℓm(θ, 0) for 0 ≤ m ≤ ℓ ≤ lmax; shape (len(θ), lmax+1 [ℓ], lmax+1 [m]), 0 for
+    m > ℓ.
 
     Standard stable recursion (fixed-m upward in ℓ from the sectoral λ_mm), Condon–Shortley phase.
     Very small λ_mm near the poles underflow gracefully to 0 (they are below 1e-300 there).
@@ -166,7 +170,8 @@ def _ring_tables(nside: int, lmax: int, dtype: np.dtype):
 
 @functools.lru_cache(maxsize=4)
 def _dense_ylm_np(nside: int, lmax: int):
-    """Real orthonormal Y_ℓm at the pixel centres, (npix, (lmax+1)²), scaled by 4π/Npix, and ℓ per column."""
+    """Real orthonormal Y_ℓm at the pixel centres, (npix, (lmax+1)²), scaled by 4π/Npix, and the
+    ℓ of each column."""
     npix = 12 * nside * nside
     theta, phi = hp.pix2ang(nside, np.arange(npix))
     lam = _legendre_table(np.cos(theta), lmax)  # (npix, L, L)
@@ -201,7 +206,9 @@ def _ring_cl(maps: Float[Array, "b npix"], index, phase, lam) -> Float[Array, "b
 @functools.partial(jax.jit, static_argnums=(2,))
 def _dense_cl(maps: Float[Array, "b npix"], ylm, lmax: int) -> Float[Array, "b L"]:
     a = maps @ ylm  # (b, (lmax+1)²) real-basis coefficients
-    ells = jnp.repeat(jnp.arange(lmax + 1), 2 * jnp.arange(lmax + 1) + 1, total_repeat_length=ylm.shape[1])
+    ells = jnp.repeat(
+        jnp.arange(lmax + 1), 2 * jnp.arange(lmax + 1) + 1, total_repeat_length=ylm.shape[1]
+    )
     s = jax.ops.segment_sum((a * a).T, ells, num_segments=lmax + 1).T
     return s / (2.0 * jnp.arange(lmax + 1, dtype=maps.dtype) + 1.0)[None, :]
 
@@ -282,8 +289,6 @@ def declination_band_mask(
     is −p̂_i, so sin(dec_i) = −p̂_i·n̂ with n̂ = ``pole`` the celestial north pole in the
     simulation frame (normalised here). Degrees. Shape (12·nside²,).
     """
-    from .sky import healpix_directions
-
     for name, v in (("dec_min", dec_min), ("dec_max", dec_max)):
         if not isinstance(v, numbers.Real) or not -90.0 <= v <= 90.0:
             raise ValueError(f"{name} must be a declination in degrees within [-90, 90]; got {v!r}")
@@ -299,7 +304,8 @@ def declination_band_mask(
 
 
 def sky_fraction(mask: Float[ArrayLike, "npix"]) -> Float[Array, ""]:
-    """f_sky = mean of mask² over pixels: the usual first-order pseudo-C_ℓ correction ⟨C̃_ℓ⟩ ≈ f_sky C_ℓ."""
+    """f_sky = mean of mask² over pixels: the usual first-order pseudo-C_ℓ correction,
+    ⟨C̃_ℓ⟩ ≈ f_sky C_ℓ."""
     mask = jnp.asarray(mask)
     return jnp.mean(mask * mask, axis=-1)
 
@@ -315,7 +321,7 @@ def relative_intensity(
     velocities: Float[ArrayLike, "... npix 3"] | None = None,
     K: Float[ArrayLike, "... 3 3"] | None = None,
 ) -> Float[Array, "... npix"]:
-    """Relative intensity δI(p̂) = r(−T; p̂)·g [− 3 p̂(−T)·K·g] — the seed's (2.1) with δf(−T) dropped.
+    """Relative intensity δI(p̂) = r(−T; p̂)·g [− 3 p̂(−T)·K·g]: the seed's (2.1) without δf(−T).
 
     Args:
         positions: backtracked positions r(−T; p̂_i), ``(..., npix, 3)`` in units of Lc (e.g.
@@ -340,7 +346,9 @@ def relative_intensity(
         raise ValueError(f"g must be a 3-vector (shape (3,)); got shape {g.shape}")
     check_finite("g", g)
     if (velocities is None) != (K is None):
-        raise ValueError("velocities and K must be given together (the −3 p̂(−T)·K·g term needs both)")
+        raise ValueError(
+            "velocities and K must be given together (the −3 p̂(−T)·K·g term needs both)"
+        )
     dtype = jnp.result_type(_float_dtype(r), _float_dtype(g))
     di = r.astype(dtype) @ g.astype(dtype)
     if velocities is not None:
@@ -349,13 +357,17 @@ def relative_intensity(
             raise ValueError(f"velocities must have the positions' shape {r.shape}; got {v.shape}")
         K = jnp.asarray(K, dtype=dtype)
         if K.ndim < 2 or K.shape[-2:] != (3, 3) or K.ndim - 2 > r.ndim - 2:
-            raise ValueError(f"K must have shape (3, 3) or (..., 3, 3) with ... ⊆ {r.shape[:-2]}; got {K.shape}")
+            raise ValueError(
+                f"K must have shape (3, 3) or (..., 3, 3) with ... ⊆ {r.shape[:-2]}; got {K.shape}"
+            )
         Kg = K @ g.astype(dtype)  # (..., 3)
         Kg = _expand_to(Kg[..., None, :], r.ndim)  # broadcast over the pixel axis
         try:
             jnp.broadcast_shapes(Kg.shape, r.shape)
         except ValueError:
-            raise ValueError(f"K shape {K.shape} does not match the positions' leading axes {r.shape[:-2]}") from None
+            raise ValueError(
+                f"K shape {K.shape} does not match the positions' leading axes {r.shape[:-2]}"
+            ) from None
         di = di - 3.0 * jnp.sum(v * jnp.broadcast_to(Kg, r.shape), axis=-1)
     return di
 
@@ -378,7 +390,9 @@ def mean_power_spectrum(
 def _mean_and_sem(x: Array, name: str):
     n = x.shape[0] if x.ndim else 0
     if n < 2:
-        raise ValueError(f"{name} needs a leading realisation axis of length >= 2; got shape {x.shape}")
+        raise ValueError(
+            f"{name} needs a leading realisation axis of length >= 2; got shape {x.shape}"
+        )
     mean = jnp.mean(x, axis=0)
     return mean, jnp.sqrt(jnp.var(x, axis=0, ddof=1) / n)
 
@@ -447,7 +461,9 @@ def spectrum_estimator(
     mean, sem = _mean_and_sem(cls, "cls")
     noise = jnp.asarray(noise, dtype=mean.dtype)
     if noise.ndim > mean.ndim - 1:
-        raise ValueError(f"noise must have shape {mean.shape[:-1]} (one value per spectrum); got {noise.shape}")
+        raise ValueError(
+            f"noise must have shape {mean.shape[:-1]} (one value per spectrum); got {noise.shape}"
+        )
     noise_l = jnp.broadcast_to(_expand_to(noise, mean.ndim - 1)[..., None], mean.shape)
     return SpectrumEstimate(mean, noise_l, mean - noise_l, sem * sem)
 
@@ -468,7 +484,7 @@ def _positions_check(positions, name="positions") -> Array:
 def relative_diffusion_tensor(
     positions: Float[ArrayLike, "... ntimes npix 3"], times: Float[ArrayLike, "ntimes"]
 ) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
-    """Relative diffusion tensor K̃_ij(T) of the seed's (2.4), averaged over all pairs of directions.
+    """Relative diffusion tensor K̃_ij(T) of the seed's (2.4), averaged over all direction pairs.
 
     K̃_ij(T) = ⟨(r1 − r2)_i (r1 − r2)_j⟩ / (4T) over all N² ordered pixel pairs (the pixel
     quadrature of ∫dp̂1/4π ∫dp̂2/4π, self-pairs included as in the continuum integral). Computed
@@ -490,7 +506,9 @@ def relative_diffusion_tensor(
         raise ValueError(f"positions must have shape (..., ntimes, npix, 3); got {r.shape}")
     t = jnp.asarray(times, dtype=r.dtype)
     if t.ndim != 1 or t.shape[0] != r.shape[-3]:
-        raise ValueError(f"times must have shape ({r.shape[-3]},) to match positions; got {t.shape}")
+        raise ValueError(
+            f"times must have shape ({r.shape[-3]},) to match positions; got {t.shape}"
+        )
     if is_concrete(t) and not np.all(np.asarray(t) > 0):
         raise ValueError(f"times must be > 0 (allowed range: (0, inf)); got {times!r}")
     r = jnp.reshape(r, (-1,) + r.shape[-3:])
@@ -508,7 +526,7 @@ class BinnedDispersion(NamedTuple):
     """⟨Δr_i Δr_j⟩ of pixel pairs binned in their separation x = p̂1·p̂2."""
 
     edges: Array  # (nbins+1,) bin edges in x
-    mean: Array  # (..., nbins, 3, 3) mean of (r1 − r2)(r1 − r2)ᵀ over the pairs of each bin; NaN if empty
+    mean: Array  # (..., nbins, 3, 3) mean of (r1 − r2)(r1 − r2)ᵀ over a bin's pairs; NaN if empty
     counts: Array  # (nbins,) number of ordered pairs (self-pairs excluded)
 
 
@@ -518,7 +536,11 @@ def _binned_sums(r, d, edges, nbins: int, chunk: int):
     npix, B, _ = r.shape
     q = jnp.einsum("nbi,nbj->nbij", r, r)
     z = jnp.concatenate(
-        [jnp.ones((npix, 1), r.dtype), jnp.reshape(r, (npix, 3 * B)), jnp.reshape(q, (npix, 9 * B))],
+        [
+            jnp.ones((npix, 1), r.dtype),
+            jnp.reshape(r, (npix, 3 * B)),
+            jnp.reshape(q, (npix, 9 * B)),
+        ],
         axis=1,
     )
     nchunks = -(-npix // chunk)
@@ -571,7 +593,7 @@ def binned_relative_dispersion(
     bins: int | Float[ArrayLike, "nb1"] = 10,
     chunk_size: int | None = None,
 ) -> BinnedDispersion:
-    """⟨Δr_i Δr_j⟩ = ⟨(r1 − r2)_i (r1 − r2)_j⟩ over pixel pairs binned in x = p̂1·p̂2 (seed §2, (2.4)).
+    """⟨Δr_i Δr_j⟩ = ⟨(r1 − r2)_i (r1 − r2)_j⟩ over pixel pairs binned in x = p̂1·p̂2 (seed (2.4)).
 
     Dividing by 4T gives the separation-resolved relative diffusion tensor; the count-weighted sum
     over bins divided by Npix² equals 4T·K̃ of :func:`relative_diffusion_tensor` (self-pairs add 0).
@@ -590,8 +612,6 @@ def binned_relative_dispersion(
     (leading axes), i.e. O(Npix²·nbins·B); the pair one-hot is shared by all B maps, so batch them.
     Measured ~30 s for 2 maps at nside 32 with 20 bins on a loaded 2-core CPU.
     """
-    from .sky import healpix_directions
-
     r = _positions_check(positions)
     npix = r.shape[-2]
     nside = npix_to_nside(npix)
@@ -702,7 +722,9 @@ def sum_rules(
     cl = jnp.asarray(mean_cls)
     K, K_rel, g = jnp.asarray(K), jnp.asarray(K_rel), jnp.asarray(g)
     if K.shape[-2:] != (3, 3) or K_rel.shape[-2:] != (3, 3):
-        raise ValueError(f"K and K_rel must have shape (..., 3, 3); got {K.shape} and {K_rel.shape}")
+        raise ValueError(
+            f"K and K_rel must have shape (..., 3, 3); got {K.shape} and {K_rel.shape}"
+        )
     if g.shape != (3,):
         raise ValueError(f"g must be a 3-vector (shape (3,)); got shape {g.shape}")
     check_int_at_least("npix", npix, 12)
