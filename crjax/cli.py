@@ -140,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad input / mismatched resume: one clear line, no traceback
         print(f"crjax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished chunks are on disk; the chunk in flight is lost
+        print(f"\ncrjax {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
     print(rp.format_summary(summary))
     return 0
 

@@ -171,7 +171,7 @@ def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: in
     prev = np.flatnonzero(t_omega <= t_omega[-1] / CONVERGENCE_SPAN)
     if prev.size == 0:
         return {"converged": False, "chi2": None, "dof": 0, "max_rel_change": None,
-                "t_omega_compared": [float(t_omega[-1]), None]}
+                "t_omega_compared": [None, float(t_omega[-1])]}
     prev = int(prev[-1])
     sl = slice(2, ell_hi + 1)
     dr = r[last, sl] - r[prev, sl]
@@ -390,10 +390,11 @@ def format_summary(summary: dict | str | Path) -> str:
         lo, hi = f["p_interval"]
         chi = "n/a" if c["chi2"] is None else f"χ²={c['chi2']:.2f}/{c['dof']}"
         rel = "" if c["max_rel_change"] is None else f", max rel. change {c['max_rel_change']:.2g}"
+        t0, t1 = c["t_omega_compared"]
+        span = "" if t0 is None or t1 is None else f" tΩ {t0:.3g}→{t1:.3g}"
         lines.append(
-            f"  {name}: p = {f['p_best']:.3f} [{lo:.3f}, {hi:.3f}] (68%);  Ĉ_ℓ/Ĉ_1 converged "
-            f"between tΩ {c['t_omega_compared'][0]} and {c['t_omega_compared'][1]}: "
-            f"{c['converged']} ({chi}{rel})"
+            f"  {name}: p = {f['p_best']:.3f} [{lo:.3f}, {hi:.3f}] (68%, χ²={f['chi2']:.1f}/"
+            f"{f['dof']});  Ĉ_ℓ/Ĉ_1 converged{span}: {c['converged']} ({chi}{rel})"
         )
     lines.append(f"  converged (both): {s['converged']}   seed: p ≈ 1/2, steady state at tΩ ≳ 100")
     for k, v in s.get("files", {}).items():
