@@ -333,8 +333,9 @@ class TurbulentField(eqx.Module):
 
     b0: regular field vector B0 b̂0, shape (3,). wavevectors: k_n κ̂_n, shape (n, 3).
     amplitudes: A_n ξ̂_n, shape (n, 3). phases: β_n, shape (n,). exact_cos (static): use
-    ``jnp.cos`` instead of the faster range-reduced polynomial (agrees to ~1e-16 fp64, ~1e-7 fp32
-    for |k·x| ≲ 1e5).
+    ``jnp.cos`` instead of the faster range-reduced polynomial (agrees to ≲ 4e-16 fp64,
+    ≲ 2.4e-7 fp32 for |k·x| ≲ 1e5). block_size (static): positions per block in ``__call__``
+    (None: automatic).
     """
 
     b0: Float[Array, "3"]
@@ -342,21 +343,44 @@ class TurbulentField(eqx.Module):
     amplitudes: Float[Array, "n 3"]
     phases: Float[Array, " n"]
     exact_cos: bool = eqx.field(default=False, static=True)
+    block_size: int | None = eqx.field(default=None, static=True)
 
     @property
     def n_modes(self) -> int:
         return self.phases.shape[0]
 
     def __call__(self, x: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
-        """B(x) at positions x of shape (..., 3) (units of Lc); returns shape (..., 3)."""
+        """B(x) at positions x of shape (..., 3) (units of Lc); returns shape (..., 3).
+
+        Positions are processed in blocks of ``block_size`` (default: ~1 MiB of fp64
+        phases per block, 512 positions for 256 modes): the (positions × modes) intermediates
+        then stay in cache, ~2x faster than one big product for 12288 positions on CPU.
+        """
         x = jnp.asarray(x)
         if x.shape[-1:] != (3,):
             raise ValueError(f"x must have shape (..., 3); got shape {x.shape}")
         flat = x.reshape(-1, 3)
-        phase = flat @ self.wavevectors.T + self.phases[None, :]
-        c = jnp.cos(phase) if self.exact_cos else _fast_cos(phase)
-        b = c @ self.amplitudes + self.b0[None, :]
+        m = flat.shape[0]
+        block = self.block_size or _default_block(self.phases.shape[-1])
+        if m <= block:
+            b = self._modesum(flat)
+        else:
+            nb = -(-m // block)
+            padded = jnp.pad(flat, ((0, nb * block - m), (0, 0)))  # zeros: harmless positions
+            b = jax.lax.map(self._modesum, padded.reshape(nb, block, 3)).reshape(-1, 3)[:m]
         return b.reshape(x.shape[:-1] + (3,))
+
+    def _modesum(self, x: Float[Array, "m 3"]) -> Float[Array, "m 3"]:
+        # Matmul form: measured fastest on XLA:CPU among broadcast/reduce variants
+        # (benchmarks/field.py).
+        phase = x @ self.wavevectors.T + self.phases[None, :]
+        c = jnp.cos(phase) if self.exact_cos else _fast_cos(phase)
+        return c @ self.amplitudes + self.b0[None, :]
+
+
+def _default_block(n_modes: int) -> int:
+    """Positions per block so that a block's fp64 phases take ~1 MiB (a CPU L2), in [64, 8192]."""
+    return int(min(8192, max(64, 2 ** round(np.log2(2**17 / max(n_modes, 1))))))
 
 
 def _dtype(dtype):
@@ -402,7 +426,9 @@ def _realise(key, params: FieldParams, dt, exact_cos: bool) -> TurbulentField:
     # jit: one compiled kernel instead of ~50 eagerly dispatched ops; retraces only for new
     # static fields (n_modes, geometry, spectrum type), dtype or exact_cos.
     n = params.n_modes
-    k_cos, k_phi, k_beta, k_alpha, k_sign = jax.random.split(key, 5)
+    # All draws from one uniform block: a single threefry call keeps the compiled graph (and its
+    # jvp/vjp) small. Rows: cos θ, φ, β, α, slab sign.
+    u = jax.random.uniform(key, (5, n), dt)
 
     def f(v):
         return jnp.asarray(v, dt)
@@ -419,8 +445,8 @@ def _realise(key, params: FieldParams, dt, exact_cos: bool) -> TurbulentField:
 
     b0_hat = _unit(f(params.b0_direction))
     if params.geometry == "isotropic":
-        cos_t = jax.random.uniform(k_cos, (n,), dt, -1.0, 1.0)
-        phi = jax.random.uniform(k_phi, (n,), dt, -np.pi, np.pi)
+        cos_t = 2.0 * u[0] - 1.0
+        phi = np.pi * (2.0 * u[1] - 1.0)
         sin_t = jnp.sqrt(jnp.maximum(1.0 - cos_t * cos_t, 0.0))
         cp, sp = jnp.cos(phi), jnp.sin(phi)
         kappa = jnp.stack([sin_t * cp, sin_t * sp, cos_t], axis=-1)
@@ -428,14 +454,14 @@ def _realise(key, params: FieldParams, dt, exact_cos: bool) -> TurbulentField:
         e1 = jnp.stack([cos_t * cp, cos_t * sp, -sin_t], axis=-1)
         e2 = jnp.stack([-sp, cp, jnp.zeros_like(cp)], axis=-1)
     else:  # slab
-        sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, (n,)), f(1.0), f(-1.0))
+        sign = jnp.where(u[4] < 0.5, f(1.0), f(-1.0))
         kappa = sign[:, None] * b0_hat[None, :]
         u1, u2 = _perp_basis(b0_hat)
         e1 = jnp.broadcast_to(u1, (n, 3))
         e2 = sign[:, None] * u2[None, :]  # keeps (e1, e2, κ̂) right-handed; any basis would do
-    alpha = jax.random.uniform(k_alpha, (n,), dt, 0.0, 2.0 * np.pi)
+    alpha = 2.0 * np.pi * u[3]
     xi = jnp.cos(alpha)[:, None] * e1 + jnp.sin(alpha)[:, None] * e2
-    beta = jax.random.uniform(k_beta, (n,), dt, 0.0, 2.0 * np.pi)
+    beta = 2.0 * np.pi * u[2]
 
     return TurbulentField(
         b0=f(params.b0) * b0_hat,

@@ -213,6 +213,11 @@ def test_fast_matches_exact_and_shapes(field64, call_jit):
     # |cos error| ≤ 2 eps per mode, so |ΔB| ≤ 2 eps Σ|A_n| (fp64).
     tol = 2 * EPS[np.float64] * float(jnp.sum(jnp.linalg.norm(field64.amplitudes, axis=-1)))
     assert float(jnp.max(jnp.abs(bf - be))) <= tol
+    # blocked evaluation (5 positions in padded blocks of 2) is the same computation per position
+    blocked = TurbulentField(
+        field64.b0, field64.wavevectors, field64.amplitudes, field64.phases, block_size=2
+    )
+    np.testing.assert_allclose(call_jit(blocked, X5), bf, rtol=0, atol=1e-15)
     # any leading shape (..., 3) -> (..., 3); checked abstractly (no compile)
     for shape in [(3,), (2, 7, 3), (0, 3)]:
         out = jax.eval_shape(field64, jax.ShapeDtypeStruct(shape, jnp.float64))
@@ -279,22 +284,23 @@ def test_no_recompile_for_new_realisation(key, call_jit):
 # gradients
 # ---------------------------------------------------------------------------------------------
 def test_check_grads_params(key):
-    """d/d(σ², b0_direction, Lc, γ) of isotropic and slab fields and d/d(s, q) of the bend-over
-    spectrum, against central finite differences (one compiled observable for speed)."""
+    """d/d(σ², b0_direction, Lc, γ) of isotropic and slab fields at fixed points, and d/d(s, q) of
+    the bend-over weights (s, q enter B only through them, by the same softmax path as γ), against
+    central finite differences. One compiled observable: check_grads compiles it ~5 times."""
     x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)))
     w = jnp.asarray([0.3, -0.7, 0.5])
+    k = jnp.geomspace(0.05, 600.0, 16)
+    c = jnp.linspace(0.0, 1.0, 16)
 
     def obs(sigma2, d, lc, gamma, s, q):
-        kolm = KolmogorovSpectrum(gamma=gamma)
         common = dict(sigma2=sigma2, Lc=lc, b0_direction=d, n_modes=16)
-        iso = realise_field(key, FieldParams(spectrum=kolm, geometry="isotropic", **common))
-        slab = realise_field(key, FieldParams(spectrum=kolm, geometry="slab", **common))
-        bend = realise_field(key, FieldParams(spectrum=BendOverSpectrum(s=s, q=q), **common))
-        return jnp.mean(iso(x) @ w) + 0.7 * jnp.mean(slab(x) @ w) + 0.4 * jnp.mean(bend(x)[:, 0])
+        common["spectrum"] = KolmogorovSpectrum(gamma=gamma)
+        iso = realise_field(key, FieldParams(geometry="isotropic", **common))
+        slab = realise_field(key, FieldParams(geometry="slab", **common))
+        bend = jax.nn.softmax(BendOverSpectrum(s=s, q=q).log_weights(k, lc))
+        return jnp.mean(iso(x) @ w) + 0.7 * jnp.mean(slab(x) @ w) + jnp.sum(c * bend)
 
-    args = tuple(
-        jnp.asarray(a) for a in (0.9, [0.3, 0.5, 1.0], 1.2, 11 / 3, 5 / 3, 2.0)
-    )
+    args = tuple(jnp.asarray(a) for a in (0.9, [0.3, 0.5, 1.0], 1.2, 11 / 3, 5 / 3, 2.0))
     # Central finite differences in fp64 with eps = 1e-6: phases k·x reach k ≈ 600, so third
     # derivatives are ~600³ and check_grads' default eps = 1e-4 would leave a truncation error
     # ~eps²·600³ ~ 1e-3 relative; at 1e-6 it is ~1e-7 and round-off ~1e-16/1e-6 = 1e-10, both
