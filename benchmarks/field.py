@@ -8,6 +8,8 @@ Compares, after jit, for fp64 and fp32:
     (phase from three broadcast FMAs, output as a broadcast reduction), vs mixed forms.
 The CPU is shared, so each figure is the minimum over ``repeats`` timings of a loop of calls.
 Ratios are relative to the exact-cos baseline of the *same* formulation and dtype in this run.
+Then: blocked vs single-block evaluation at the seed's 12288 positions (fast cos). Pinning to one
+core (``taskset -c 0 python benchmarks/field.py``) gives steadier single-core figures.
 """
 
 from __future__ import annotations
@@ -106,6 +108,22 @@ def main() -> None:
             results[f"{name}_{dname}"] = ns
             print(f"{dname:8s} {name:22s} exact cos {ns['exact']:7.3f} ns/mode-eval   "
                   f"fast cos {ns['fast']:7.3f} ns/mode-eval   speed-up x{ratio:5.2f}")
+    # Blocking (TurbulentField.block_size) at the seed's Npix = 12288: automatic vs one big block.
+    big = {}
+    for dtype in (jnp.float64, jnp.float32):
+        dname = jnp.dtype(dtype).name
+        f = realise_field(jax.random.PRNGKey(0), paper_2015_field(args.modes), dtype=dtype)
+        xb = jnp.asarray(np.random.default_rng(1).uniform(-50, 50, (12288, 3)), dtype)
+        fn = jax.jit(lambda g, y: g(y))
+        for label, bs in (("unblocked", 10**9), ("blocked", None)):
+            g = TurbulentField(f.b0, f.wavevectors, f.amplitudes, f.phases, block_size=bs)
+            t = _time(fn, (g, xb), max(3, args.repeats // 2), max(2, args.inner // 4))
+            big[f"{label}_{dname}"] = 1e9 * t / (12288 * args.modes)
+        print(f"{dname:8s} 12288 positions: one block {big[f'unblocked_{dname}']:7.3f}, "
+              f"blocked {big[f'blocked_{dname}']:7.3f} ns/mode-eval   speed-up "
+              f"x{big[f'unblocked_{dname}'] / big[f'blocked_{dname}']:5.2f}")
+    results["npix12288"] = big
+
     if "call" in names:
         for dname in ("float64", "float32"):
             ns = results[f"call_{dname}"]["fast"]
