@@ -1,6 +1,7 @@
-"""Figures of the main job: the seed's Fig. 2 (⟨C_ℓ⟩ vs tΩ), Fig. 3 (Ĉ_ℓ/Ĉ_1 with BGK curves) and a
-Mollweide sky map of δI. Pure drawing of numpy arrays (no physics here): ``crjax.reproduce`` computes
-the arrays. Uses matplotlib's non-interactive Agg backend unless another backend was already chosen.
+"""Figures of the main job: the seed's Fig. 2 (⟨C_ℓ⟩ vs tΩ), Fig. 3 (Ĉ_ℓ/Ĉ_1 with BGK curves)
+and a Mollweide sky map of δI. Pure drawing of numpy arrays (no physics here): ``crjax.reproduce``
+computes the arrays. Uses matplotlib's non-interactive Agg backend unless another backend was
+already chosen.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def fig2(
     ell_hi: int = 9,
     title: str | None = None,
 ):
-    """Seed Fig. 2: ⟨C_0⟩ (blue), ⟨C_1⟩ (black), ⟨C_ℓ⟩ for 2 ≤ ℓ ≤ ``ell_hi`` (green), the noise level
-    N(T) of (3.1) (red) and the standard-diffusion dipole (magenta), vs tΩ on log-log axes; solid for
-    g ∥ B0, dotted for g ⊥ B0.
+    """Seed Fig. 2: ⟨C_0⟩ (blue), ⟨C_1⟩ (black), ⟨C_ℓ⟩ for 2 ≤ ℓ ≤ ``ell_hi`` (green), the noise
+    level N(T) of (3.1) (red) and the standard-diffusion dipole (magenta), vs tΩ on log-log axes;
+    solid for g ∥ B0, dotted for g ⊥ B0.
 
     Shapes: ``t_omega`` (nt,), ``cl_*`` (nt, lmax+1), ``noise_*`` and ``dipole_std_*`` (nt,).
     Returns the matplotlib Figure.
@@ -62,7 +63,8 @@ def fig2(
     handles = [
         plt.Line2D([], [], color="tab:blue", label=r"$\langle C_0\rangle$"),
         plt.Line2D([], [], color="black", label=r"$\langle C_1\rangle$"),
-        plt.Line2D([], [], color="tab:green", label=rf"$\langle C_\ell\rangle$ ($2\leq\ell\leq{ell_hi}$)"),
+        plt.Line2D([], [], color="tab:green",
+                   label=rf"$\langle C_\ell\rangle$ ($2\leq\ell\leq{ell_hi}$)"),
         plt.Line2D([], [], color="tab:red", label=r"noise $N$ (3.1)"),
         plt.Line2D([], [], color="magenta", label="standard-diffusion dipole"),
         plt.Line2D([], [], color="gray", ls=_PAR, label=r"$\nabla n\parallel B_0$"),

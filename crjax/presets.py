@@ -1,6 +1,7 @@
-"""Run presets for the main job: the seed's §3 setup (``paper``), a CPU-sized ``quick`` version and a
-``tiny`` smoke-test size. Each is a frozen dataclass of plain numbers, so it is hashable, printable and
-goes into ``params.json`` verbatim; :meth:`Preset.field_params` builds the :class:`crjax.field.FieldParams`.
+"""Run presets for the main job: the seed's §3 setup (``paper``), a CPU-sized ``quick`` version and
+a ``tiny`` smoke-test size. Each is a frozen dataclass of plain numbers, so it is hashable,
+printable and goes into ``params.json`` verbatim; :meth:`Preset.field_params` builds the
+:class:`crjax.field.FieldParams`.
 
 Units (physics.md §1): c = v = 1, Lc = 1, |B0| = 1, Ω = 1/rL; save times are given as tΩ = t/rL.
 """
@@ -31,11 +32,11 @@ def _log_times(lo: float, hi: float, n: int) -> tuple[float, ...]:
 class Preset:
     """Everything that fixes a reproduction run (seed §3).
 
-    Field: ``sigma2`` = ⟨δB²⟩/B0², bend-over scale ``Lc``, wavelengths ``lmin``..``lmax`` (units of Lc),
+    Field: ``sigma2`` = ⟨δB²⟩/B0², bend-over scale ``Lc``, wavelengths ``lmin``..``lmax`` (in Lc),
     spectral index ``gamma`` (G_n = k³/(1+(kLc)^γ)), ``n_modes`` harmonic modes, ``geometry``.
     Particles: HEALPix ``nside`` (Npix = 12 nside² momentum directions), gyroradius ``rL`` (in Lc),
     save times ``t_omega`` (tΩ), ``solver`` and step ``dt`` (None: the backtracker's default rL/20).
-    Ensemble: ``n_realisations`` field realisations, computed ``chunk_size`` at a time; realisation r
+    Ensemble: ``n_realisations`` field realisations, ``chunk_size`` at a time; realisation r
     uses ``fold_in(PRNGKey(seed), r)``. Observables: multipoles up to ``ell_max``; gradient
     ``|g| = grad`` along B0 (∥) and ⊥ B0; Fig. 3 at ``fig3_t_omega``; p is fitted to Ĉ_ℓ/Ĉ_1 for
     ``1 <= ℓ <= fit_ell_max`` at the last save time. ``dtype``: "float64" (default) or "float32".
@@ -73,7 +74,9 @@ class Preset:
         check_int_at_least("ell_max", self.ell_max, 2)
         check_int_at_least("fit_ell_max", self.fit_ell_max, 2)
         if self.fit_ell_max > self.ell_max:
-            raise ValueError(f"fit_ell_max must be <= ell_max={self.ell_max}; got {self.fit_ell_max}")
+            raise ValueError(
+                f"fit_ell_max must be <= ell_max={self.ell_max}; got {self.fit_ell_max}"
+            )
         if self.ell_max > 3 * self.nside - 1:
             raise ValueError(
                 f"ell_max must be <= 3*nside-1 = {3 * self.nside - 1} (HEALPix band limit); "
@@ -167,8 +170,8 @@ def paper() -> Preset:
 
 def quick() -> Preset:
     """The seed's physics (σ² = 1, rL = 0.1 Lc, λ 0.01–100 Lc, γ = 11/3) at CPU size: nside 8
-    (768 directions), 16 realisations, 128 modes (32 per decade of k), tΩ from 1 to 200. About
-    two minutes on 2 CPU cores; its Ĉ_ℓ at ℓ ≳ 5 are noise-dominated (N ∝ 1/Npix) and its
+    (768 directions), 16 realisations, 256 modes, tΩ from 1 to 200. About two minutes on 2 CPU
+    cores; its Ĉ_ℓ at ℓ ≳ 5 are noise-dominated (N ∝ 1/Npix) and its
     errors large (16 vs the seed's 120 realisations): say so when quoting it."""
     t = _log_times(1.0, 200.0, 13)
     return Preset(
@@ -176,7 +179,7 @@ def quick() -> Preset:
         nside=8,
         n_realisations=16,
         chunk_size=4,
-        n_modes=128,
+        n_modes=256,
         t_omega=t,
         fig3_t_omega=(t[8], t[10], t[12]),
         ell_max=12,

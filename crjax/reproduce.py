@@ -75,14 +75,14 @@ def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
     gp, gq = jnp.asarray(g_par), jnp.asarray(g_perp)
 
     def reduce(traj):
-        pos = traj.positions  # (c, nt, npix, 3)
+        pos, times = traj.positions, traj.times[0]  # (c, nt, npix, 3), (nt,)
         maps_par = angular.relative_intensity(pos, gp)  # (c, nt, npix)
         maps_perp = angular.relative_intensity(pos, gq)
         return {
             "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
             "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
             "rr": transport.second_moments(pos),  # (c, nt, 3, 3) direction-averaged ⟨r_i r_j⟩
-            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, traj.times[0])[0])(pos),
+            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, times)[0])(pos),
             "maps_par": maps_par,
             "maps_perp": maps_perp,
         }
@@ -101,9 +101,10 @@ def simulate(
 ) -> tuple[RunStore, dict[str, np.ndarray]]:
     """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
 
-    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions),
-    ``Ktilde`` (n, nt, 3, 3) per realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the last save time; ``sum_maps_par``,
-    ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for the standard-diffusion dipole).
+    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions)
+    and ``Ktilde`` (n, nt, 3, 3) per realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the
+    last save time; ``sum_maps_par``, ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for
+    the standard-diffusion dipole). ``n`` counts realisations, in order.
     """
     from .backtrack import run_ensemble
     from .sky import healpix_directions
@@ -193,7 +194,8 @@ def _simulated_spectrum(ell, chat, var, preset: Preset, side: str, t_omega: floa
 
     return spectrum_from_estimate(
         ell, chat, var, experiment="crjax simulation", synthetic=True, noise_subtracted=True,
-        provenance=(f"crjax reproduce preset {preset.name}: Chat_l = <C_l> - N, gradient {side} B0, "
+        provenance=(f"crjax reproduce preset {preset.name}: Chat_l = <C_l> - N, gradient {side} "
+                    "B0, "
                     f"tOmega = {t_omega:g}, {preset.n_realisations} realisations, nside "
                     f"{preset.nside}; errors: sqrt of the variance of the mean over realisations"),
     )
@@ -233,6 +235,8 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
     arrays: dict[str, Any] = {
         "t_omega": t_omega, "times": times, "K": K, "K_stderr": K_se, "Ktilde": Kt,
         "K_par": K_par, "K_perp": K_perp,
+        "Ktilde_par": np.asarray(transport.parallel_perpendicular(Kt, b0)[0]),
+        "Ktilde_perp": np.asarray(transport.parallel_perpendicular(Kt, b0)[1]),
         "K_par_stderr": Kp_r.std(0, ddof=1) / math.sqrt(n),
         "K_perp_stderr": Kq_r.std(0, ddof=1) / math.sqrt(n),
         "g_par": g_par, "g_perp": g_perp,
@@ -269,6 +273,8 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
         "K_par_stderr": float(arrays["K_par_stderr"][-1]),
         "K_perp_stderr": float(arrays["K_perp_stderr"][-1]),
         "lambda_par": float(3 * K_par[-1]),
+        "Ktilde_par": float(arrays["Ktilde_par"][-1]),
+        "Ktilde_perp": float(arrays["Ktilde_perp"][-1]),
         "p_best": summary["fit_par"]["p_best"], "p_interval": summary["fit_par"]["p_interval"],
         "converged": bool(summary["convergence_par"]["converged"]
                           and summary["convergence_perp"]["converged"]),
@@ -384,6 +390,8 @@ def format_summary(summary: dict | str | Path) -> str:
         f"{s['lambda_par']:.3g} Lc)",
         f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
         f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})",
+        f"  relative diffusion (2.4): K~_par = {s['Ktilde_par']:.4g}, K~_perp = "
+        f"{s['Ktilde_perp']:.4g} Lc c",
     ]
     for side, name in (("par", "∇n ∥ B0"), ("perp", "∇n ⊥ B0")):
         c, f = s[f"convergence_{side}"], s[f"fit_{side}"]
@@ -398,5 +406,5 @@ def format_summary(summary: dict | str | Path) -> str:
         )
     lines.append(f"  converged (both): {s['converged']}   seed: p ≈ 1/2, steady state at tΩ ≳ 100")
     for k, v in s.get("files", {}).items():
-        lines.append(f"  {k:9s} {v}")
+        lines.append(f"  {k:13s} {v}")
     return "\n".join(lines)

@@ -9,9 +9,9 @@ Layout of a run directory::
     summary.json       small scalar summary, written last
 
 Every file is written atomically (temporary file in the same directory, flushed, ``os.replace``), so
-``kill -9`` at any moment loses at most the chunk in flight and never leaves a half-written file under
-a final name. Realisation ``r`` must draw its randomness from ``jax.random.fold_in(seed_key, r)``
-(``crjax.reproduce`` does): then which chunks were computed in which process does not matter, and a
+``kill -9`` at any moment loses at most the chunk in flight and never leaves a half-written file
+under a final name. Realisation ``r`` must draw its randomness from
+``jax.random.fold_in(seed_key, r)`` (``crjax.reproduce`` does): then which chunks were computed in which process does not matter, and a
 resumed run is bit-for-bit identical to an uninterrupted one.
 
 Resuming with *different* parameters is an error (``ValueError`` naming the differing keys), never a
@@ -99,7 +99,9 @@ def provenance() -> dict[str, Any]:
 
 
 def chunk_ranges(n_items: int, chunk_size: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``range(n_items)`` in chunks of ``chunk_size`` (last may be short)."""
+    """``[(start, stop), ...]`` covering ``range(n_items)`` in chunks of ``chunk_size``.
+
+    The last chunk may be short."""
     check_int_at_least("n_items", n_items, 1)
     check_int_at_least("chunk_size", chunk_size, 1)
     return [(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
@@ -108,8 +110,8 @@ def chunk_ranges(n_items: int, chunk_size: int) -> list[tuple[int, int]]:
 def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
     """Write via ``write(fileobj)`` to a temp file next to ``path``, fsync, then ``os.replace``.
 
-    ``os.replace`` is atomic on POSIX within one file system, so readers (and a resumed run) see either
-    the old file or the complete new one, never a truncated file.
+    ``os.replace`` is atomic on POSIX within one file system, so readers (and a resumed run) see
+    either the old file or the complete new one, never a truncated file.
     """
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
     try:

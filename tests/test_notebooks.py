@@ -1,8 +1,9 @@
 """The notebooks run top to bottom at tiny size (CRJAX_TINY=1) and are committed without outputs.
 
-01 (the main story, the `crjax reproduce` pipeline) runs in the default suite. 02 (optax + numpyro fits)
-and 03 (reverse-mode gradients through backtracking, Lyapunov exponent) are dominated by XLA compile
-time (~40–60 s each on a loaded 2-core machine), beyond the default-suite budget: they are ``slow``.
+01 (the main story, the `crjax reproduce` pipeline) runs in the default suite. 02 (optax + numpyro
+fits) and 03 (reverse-mode gradients through backtracking, Lyapunov exponent) are dominated by XLA
+compile time (~40–60 s each on a loaded 2-core machine), beyond the default-suite budget: they are
+``slow``.
 """
 
 import os

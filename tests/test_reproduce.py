@@ -132,7 +132,8 @@ def test_figures_draw_from_synthetic_arrays(tmp_path):
     figs = {
         "f2": plot.fig2(t, cl, cl / 2, t, t / 2, t / 3, t / 4),
         "f3": plot.fig3(np.arange(1, 10), [1, 10, 100], np.ones((3, 9)), np.ones((3, 9)) / 10,
-                        np.ones((3, 9)), np.ones((3, 9)) / 10, {"x": (np.arange(1, 10), np.ones(9))},
+                        np.ones((3, 9)), np.ones((3, 9)) / 10,
+                        {"x": (np.arange(1, 10), np.ones(9))},
                         noise_par=[0.1, 0.2, 0.3], noise_perp=[0.1, 0.2, 0.3]),
         "sky": plot.skymap(np.arange(48.0), title="test"),
     }

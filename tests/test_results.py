@@ -23,7 +23,8 @@ def _compute(seed):
 
     def compute(start, stop):
         keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(np.arange(start, stop))
-        return {"x": jax.vmap(lambda k: jax.random.normal(k, (4,)))(keys), "r": np.arange(start, stop)}
+        x = jax.vmap(lambda k: jax.random.normal(k, (4,)))(keys)
+        return {"x": x, "r": np.arange(start, stop)}
 
     return compute
 
