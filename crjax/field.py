@@ -223,8 +223,8 @@ _PI_PARTS = {
 }
 # Polynomials in z = r² on [0, (π/2)²], highest power first: cos r ≈ C(z), sin r ≈ r·S(z).
 # Generated with mpmath.chebyfit (50 digits) of cos(√z) and sin(√z)/√z, rounded to the dtype;
-# fit errors: fp64 3.9e-18 (cos, 9 terms), 2e-19 (sin); fp32 2.2e-10 (cos, 6 terms: 5 terms' 4.7e-8 plus
-# rounding exceeded 2 ulp of 1), 7e-9 (sin, 5 terms).
+# fit errors: fp64 3.9e-18 (cos, 9 terms), 2e-19 (sin); fp32 2.2e-10 (cos, 6 terms: with 5,
+# the fit's 4.7e-8 plus rounding exceeded 2 ulp of 1), 7e-9 (sin, 5 terms).
 _COS_C = {
     np.dtype(np.float64): (
         4.608977003001797e-14,
@@ -329,7 +329,7 @@ def _fast_sin_jvp(primals, tangents):
 # The field
 # --------------------------------------------------------------------------------------------
 class TurbulentField(eqx.Module):
-    """One field realisation: B(x) = b0 + Σ_n amplitudes_n cos(wavevectors_n·x + phases_n) (seed §3).
+    """One field realisation: B(x) = b0 + Σ_n amplitudes_n cos(wavevectors_n·x + phases_n), seed §3.
 
     b0: regular field vector B0 b̂0, shape (3,). wavevectors: k_n κ̂_n, shape (n, 3).
     amplitudes: A_n ξ̂_n, shape (n, 3). phases: β_n, shape (n,). exact_cos (static): use

@@ -1,6 +1,6 @@
-"""Tests of crjax/field.py against things we did not write: numpy's cos/sin, the closed-form spectrum
-weights, exact invariants (∇·B = 0, ξ̂ ⊥ κ̂, Σ A² = 2σ²B0²), sampling statistics with N-based
-bounds, and finite differences (jax.test_util.check_grads)."""
+"""Tests of crjax/field.py against things we did not write: numpy's cos/sin, the closed-form
+spectrum weights, exact invariants (∇·B = 0, ξ̂ ⊥ κ̂, Σ A² = 2σ²B0²), sampling statistics with
+N-based bounds, and finite differences (jax.test_util.check_grads)."""
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,8 @@ from crjax.field import (
 # Jitted once per module: the same (n_keys, params structure) reuses one compiled kernel.
 _many = jax.jit(jax.vmap(realise_field, in_axes=(0, None)))
 
-X5 = jnp.asarray(np.random.default_rng(7).uniform(-3.0, 3.0, (5, 3)))  # shared: one compile per field
+# Shared evaluation points: one compile of _call per field signature.
+X5 = jnp.asarray(np.random.default_rng(7).uniform(-3.0, 3.0, (5, 3)))
 
 EPS = {np.float64: np.finfo(np.float64).eps, np.float32: np.finfo(np.float32).eps}
 
@@ -34,7 +35,7 @@ def field64(key):
 
 @pytest.fixture(scope="module")
 def ensemble64(key):
-    """16 realisations of the seed field (vmapped over keys): 4096 modes for direction statistics."""
+    """16 realisations of the seed field (vmapped over keys): 4096 modes for direction stats."""
     keys = jax.random.split(jax.random.fold_in(key, 1), 16)
     return _many(keys, paper_2015_field())
 
@@ -200,7 +201,8 @@ def test_divergence_free(field64, key):
     div = jax.jit(jax.vmap(lambda y: jnp.trace(jax.jacfwd(field64)(y))))(x)
     # Each ∂B_i/∂x_i is a sum of terms A_n k_n ξ_i κ_i sin(·) that cancel exactly mode by mode;
     # round-off is ~ eps × Σ_n A_n k_n (fp64); allow 50 eps for the sums over 256 modes × 3.
-    scale = np.sum(np.linalg.norm(field64.amplitudes, axis=-1) * np.linalg.norm(field64.wavevectors, axis=-1))
+    an = np.linalg.norm(field64.amplitudes, axis=-1)
+    scale = np.sum(an * np.linalg.norm(field64.wavevectors, axis=-1))
     assert np.max(np.abs(div)) < 50 * EPS[np.float64] * scale
 
 
@@ -249,7 +251,8 @@ def test_spatial_mean_of_dB2(key):
 
 def test_uniform_field_and_rotation(call_jit):
     f = uniform_field(2.0, direction=(0.0, 3.0, 4.0))
-    np.testing.assert_allclose(call_jit(f, 10 * X5), np.broadcast_to([0, 1.2, 1.6], (5, 3)), atol=1e-15)
+    expected = np.broadcast_to([0.0, 1.2, 1.6], (5, 3))
+    np.testing.assert_allclose(call_jit(f, 10 * X5), expected, atol=1e-15)
     f32 = uniform_field(dtype=jnp.float32)
     assert jax.eval_shape(f32, jax.ShapeDtypeStruct((5, 3), jnp.float32)).dtype == jnp.float32
 
