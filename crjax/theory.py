@@ -40,13 +40,13 @@ from ._checks import (
 )
 
 __all__ = [
+    "bgk_amplitude",
     "bgk_integral",
     "bgk_spectrum",
-    "bgk_amplitude",
-    "spectrum_from_nu",
-    "source_from_spectrum",
-    "diffusion_dipole_vector",
     "diffusion_dipole",
+    "diffusion_dipole_vector",
+    "source_from_spectrum",
+    "spectrum_from_nu",
 ]
 
 
@@ -56,7 +56,9 @@ def _check_ell(ell) -> None:
         return
     e = np.asarray(ell)
     if e.size == 0:
-        raise ValueError("ell must contain at least one multipole (integers >= 1); got an empty array")
+        raise ValueError(
+            "ell must contain at least one multipole (integers >= 1); got an empty array"
+        )
     if not np.all(np.isfinite(e)) or not np.all(e == np.round(e)) or not np.all(e >= 1):
         raise ValueError(
             "ell must be integers >= 1 (eq. 4.7 is singular at ell = 0: the BGK relation (4.6) "
@@ -84,7 +86,10 @@ def _shape_core(ell, p):
     g_a, g_b, g_p, g_4p = _gammaln_stack(ell + p - 1.0, ell + 3.0 - p, p, 4.0 - p)
     pp = p * (1.0 - p)
     log_shape = (
-        g_a - g_b + jnp.log(ell * (ell + 1.0) - pp) - jnp.log(ell * (ell + 1.0))
+        g_a
+        - g_b
+        + jnp.log(ell * (ell + 1.0) - pp)
+        - jnp.log(ell * (ell + 1.0))
         - (g_p - g_4p + jnp.log(2.0 - pp) - jnp.log(2.0))
     )
     # XLA may reassociate the log-gamma sums; pin the normalisation point to exactly 1
@@ -106,7 +111,7 @@ def _as_float(ell, p):
     return ell.astype(dtype), p.astype(dtype)
 
 
-def bgk_integral(ell: ArrayLike, p: ArrayLike) -> Float[Array, "..."]:
+def bgk_integral(ell: ArrayLike, p: ArrayLike) -> Float[Array, "*batch"]:
     """I_ℓ(p) = ∫_{-1}^{1} x P_ℓ(x) (1−x)^(−p) dx in closed form (the integral of (4.7), ν0 = 1).
 
     ``ell``: integers ≥ 1 (any shape); ``p`` ∈ (0, 1), broadcast against ``ell``. Dimensionless.
@@ -116,7 +121,7 @@ def bgk_integral(ell: ArrayLike, p: ArrayLike) -> Float[Array, "..."]:
     return _integral_core(ell, p)
 
 
-def bgk_spectrum(ell: ArrayLike, p: ArrayLike) -> Float[Array, "..."]:
+def bgk_spectrum(ell: ArrayLike, p: ArrayLike) -> Float[Array, "*batch"]:
     """Shape C_ℓ/C_1 of the BGK-like steady-state spectrum (4.7) with ν_r ∝ (1−x)^p.
 
     Exactly 1 at ℓ = 1; ∝ ℓ^(2p−4) at large ℓ. ``ell``: integers ≥ 1 (any shape, thousands are fine);
@@ -128,7 +133,9 @@ def bgk_spectrum(ell: ArrayLike, p: ArrayLike) -> Float[Array, "..."]:
     return _shape_core(ell, p)
 
 
-def bgk_amplitude(ell: ArrayLike, p: ArrayLike, Q1: ArrayLike, nu0: ArrayLike) -> Float[Array, "..."]:
+def bgk_amplitude(
+    ell: ArrayLike, p: ArrayLike, Q1: ArrayLike, nu0: ArrayLike
+) -> Float[Array, "*batch"]:
     """⟨C_ℓ⟩ of (4.7) with ν_r(x) = ν0 (1−x)^p: (3/2) Q1 I_ℓ(p) / (ℓ(ℓ+1) ν0).
 
     ``Q1 = K_ij ∂_i n ∂_j n/(6π)`` (units of Q1 / ν0 set the units of C_ℓ; with K in Lc·c and
@@ -139,7 +146,9 @@ def bgk_amplitude(ell: ArrayLike, p: ArrayLike, Q1: ArrayLike, nu0: ArrayLike) -
     _check_p(p)
     check_positive("nu0", nu0)
     ell_f, _ = _as_float(ell, p)
-    return 1.5 * jnp.asarray(Q1) * _integral_core(ell, p) / (ell_f * (ell_f + 1.0) * jnp.asarray(nu0))
+    return (
+        1.5 * jnp.asarray(Q1) * _integral_core(ell, p) / (ell_f * (ell_f + 1.0) * jnp.asarray(nu0))
+    )
 
 
 def _legendre_table(ells: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -166,7 +175,9 @@ def _jacobi_rule(n_nodes: int, endpoint_exponent: float) -> tuple[np.ndarray, np
     # ∫ x P_ℓ (1−x)^(−q) amplifies to ~1e-10; Newton-polishing the nodes and using the closed-form
     # weights (Szegő 15.3.5) brings the quadrature back to ~1e-12.
     for _ in range(3):
-        x = x - _sp.eval_jacobi(n, a, 0.0, x) / (0.5 * (n + a + 1) * _sp.eval_jacobi(n - 1, a + 1, 1.0, x))
+        x = x - _sp.eval_jacobi(n, a, 0.0, x) / (
+            0.5 * (n + a + 1) * _sp.eval_jacobi(n - 1, a + 1, 1.0, x)
+        )
     dp = 0.5 * (n + a + 1) * _sp.eval_jacobi(n - 1, a + 1, 1.0, x)
     # with β = 0 the Gamma-function prefactor Γ(n+α+1)Γ(n+1)/(Γ(n+α+1) n!) is 1
     w = 2.0 ** (a + 1.0) / ((1.0 - x * x) * dp * dp)
@@ -192,7 +203,9 @@ def spectrum_from_nu(
     ``n_nodes`` (static) defaults to ℓmax + 64. Returns ⟨C_ℓ⟩ with the given ``Q1``, shape (nell,).
     """
     if not is_concrete(ell):
-        raise ValueError("ell must be concrete integers >= 1 for spectrum_from_nu (it sets the quadrature)")
+        raise ValueError(
+            "ell must be concrete integers >= 1 for spectrum_from_nu (it sets the quadrature)"
+        )
     _check_ell(ell)
     ells = np.atleast_1d(np.asarray(ell)).astype(np.int64)
     if ells.ndim != 1:
@@ -253,7 +266,9 @@ def source_from_spectrum(
     return jnp.asarray(_legendre_table(eo, x) * w[None, :]) @ (nu * h)
 
 
-def diffusion_dipole_vector(K: Float[ArrayLike, "3 3"], g: Float[ArrayLike, " 3"]) -> Float[Array, " 3"]:
+def diffusion_dipole_vector(
+    K: Float[ArrayLike, "3 3"], g: Float[ArrayLike, " 3"]
+) -> Float[Array, " 3"]:
     """Dipole vector a of standard diffusion, δI(p̂) = a·p̂ with a = −3 K g (from (2.1): 4π⟨f⟩ = n − 3p̂·K∇n).
 
     ``K`` (3, 3) diffusion tensor [Lc c], ``g = ∇n/n`` (3,) [1/Lc]; p̂ is the momentum direction (pixel
@@ -262,7 +277,9 @@ def diffusion_dipole_vector(K: Float[ArrayLike, "3 3"], g: Float[ArrayLike, " 3"
     K = jnp.asarray(K)
     g = jnp.asarray(g)
     if K.shape[-2:] != (3, 3) or g.shape[-1:] != (3,):
-        raise ValueError(f"K must have shape (..., 3, 3) and g (..., 3); got {K.shape} and {g.shape}")
+        raise ValueError(
+            f"K must have shape (..., 3, 3) and g (..., 3); got {K.shape} and {g.shape}"
+        )
     return -3.0 * jnp.einsum("...ij,...j->...i", K, g)
 
 

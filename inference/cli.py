@@ -17,12 +17,24 @@ def build_parser(prog: str = "crjax fit") -> argparse.ArgumentParser:
     )
     ap.add_argument("spectrum", help="spectrum file (format: docs/spectrum_format.md)")
     ap.add_argument("--lmin", type=int, default=None, help="smallest multipole fitted (default 1)")
-    ap.add_argument("--lmax", type=int, default=None, help="largest multipole fitted (default: all)")
-    ap.add_argument("--noise", choices=("auto", "none", "fixed", "free"), default="auto",
-                    help="noise offset N: auto = none if subtracted, header noise_level if given, else free")
-    ap.add_argument("--noise-level", type=float, default=None, help="N for --noise fixed (overrides the header)")
-    ap.add_argument("--likelihood", choices=("auto", "lognormal", "split_normal", "variable_gaussian", "gaussian"),
-                    default="auto", help="likelihood for the (asymmetric) errors; see inference/fit.py")
+    ap.add_argument(
+        "--lmax", type=int, default=None, help="largest multipole fitted (default: all)"
+    )
+    ap.add_argument(
+        "--noise",
+        choices=("auto", "none", "fixed", "free"),
+        default="auto",
+        help="noise offset N: auto = none if subtracted, header noise_level if given, else free",
+    )
+    ap.add_argument(
+        "--noise-level", type=float, default=None, help="N for --noise fixed (overrides the header)"
+    )
+    ap.add_argument(
+        "--likelihood",
+        choices=("auto", "lognormal", "split_normal", "variable_gaussian", "gaussian"),
+        default="auto",
+        help="likelihood for the (asymmetric) errors; see inference/fit.py",
+    )
     ap.add_argument("--nuts", action="store_true", help="also sample the posterior with NUTS")
     ap.add_argument("--num-warmup", type=int, default=500)
     ap.add_argument("--num-samples", type=int, default=1000)

@@ -112,7 +112,9 @@ class Spectrum:
             raise ValueError(f"{where}: ell must be a non-empty 1-D array; got shape {ell.shape}")
         for k, v in arrays.items():
             if v.shape != ell.shape:
-                raise ValueError(f"{where}: {k} must have the shape of ell {ell.shape}; got {v.shape}")
+                raise ValueError(
+                    f"{where}: {k} must have the shape of ell {ell.shape}; got {v.shape}"
+                )
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"{where}: {k} contains NaN or inf")
         if not np.all(np.isfinite(ell)) or not np.all(ell == np.round(ell)) or np.any(ell < 0):
@@ -123,7 +125,9 @@ class Spectrum:
             raise ValueError(f"{where}: duplicate multipole(s) ell = {dup}")
         for k in ("err_lo", "err_hi"):
             if np.any(arrays[k] <= 0):
-                raise ValueError(f"{where}: {k} must be > 0 (a 68% error distance); got {arrays[k]!r}")
+                raise ValueError(
+                    f"{where}: {k} must be > 0 (a 68% error distance); got {arrays[k]!r}"
+                )
         order = np.argsort(ell, kind="stable")
         object.__setattr__(self, "ell", ell[order])
         for k, v in arrays.items():
@@ -156,7 +160,11 @@ class Spectrum:
                 f"{int(self.ell.min())}..{int(self.ell.max())}"
             )
         return dataclasses.replace(
-            self, ell=self.ell[keep], cl=self.cl[keep], err_lo=self.err_lo[keep], err_hi=self.err_hi[keep]
+            self,
+            ell=self.ell[keep],
+            cl=self.cl[keep],
+            err_lo=self.err_lo[keep],
+            err_hi=self.err_hi[keep],
         )
 
 
@@ -166,7 +174,9 @@ def spectrum_from_estimate(ell, cl, variance, **metadata) -> Spectrum:
     if not np.all(np.isfinite(var)) or np.any(var <= 0):
         raise ValueError(f"variance must be finite and > 0; got {variance!r}")
     sig = np.sqrt(var)
-    return Spectrum(ell=np.asarray(ell), cl=np.asarray(cl, dtype=float), err_lo=sig, err_hi=sig, **metadata)
+    return Spectrum(
+        ell=np.asarray(ell), cl=np.asarray(cl, dtype=float), err_lo=sig, err_hi=sig, **metadata
+    )
 
 
 def _parse_value(key: str, text: str, where: str):
@@ -183,21 +193,28 @@ def _parse_value(key: str, text: str, where: str):
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{where}: header '{key}' must be a number ({HEADER_KEYS[key][1]}); got {text!r}") from None
+        raise ValueError(
+            f"{where}: header '{key}' must be a number ({HEADER_KEYS[key][1]}); got {text!r}"
+        ) from None
     _check_number(key, value, where)
     return value
 
 
 def _check_number(key, value, where):
     kind = HEADER_KEYS[key][0]
-    ok = math.isfinite(value) and {
-        "float>0": value > 0,
-        "float>=0": value >= 0,
-        "fraction": 0 < value <= 1,
-        "dec": -90 <= value <= 90,
-    }[kind]
+    ok = (
+        math.isfinite(value)
+        and {
+            "float>0": value > 0,
+            "float>=0": value >= 0,
+            "fraction": 0 < value <= 1,
+            "dec": -90 <= value <= 90,
+        }[kind]
+    )
     if not ok:
-        raise ValueError(f"{where}: header '{key}' out of range: {HEADER_KEYS[key][1]}; got {value!r}")
+        raise ValueError(
+            f"{where}: header '{key}' out of range: {HEADER_KEYS[key][1]}; got {value!r}"
+        )
 
 
 def _validate_meta(meta: dict, where: str) -> None:
@@ -245,7 +262,9 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
                 )
             key, value = (s.strip() for s in body.split(":", 1))
             if key not in HEADER_KEYS:
-                raise ValueError(f"{where}: unknown header key {key!r}; allowed keys: {', '.join(HEADER_KEYS)}")
+                raise ValueError(
+                    f"{where}: unknown header key {key!r}; allowed keys: {', '.join(HEADER_KEYS)}"
+                )
             if key in meta:
                 raise ValueError(f"{where}: header key {key!r} given twice")
             meta[key] = _parse_value(key, value, where)
@@ -270,11 +289,15 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
             if not math.isfinite(v):
                 raise ValueError(f"{where}: {name} must be finite; got {text!r}")
             if name != "C_ell" and v <= 0:
-                raise ValueError(f"{where}: {name} must be > 0 (distance to the 68% bound); got {text!r}")
+                raise ValueError(
+                    f"{where}: {name} must be > 0 (distance to the 68% bound); got {text!r}"
+                )
             values.append(v)
         for prev_ell, _, prev_line in rows:
             if prev_ell == ell:
-                raise ValueError(f"{where}: duplicate multipole ell = {ell} (first at line {prev_line})")
+                raise ValueError(
+                    f"{where}: duplicate multipole ell = {ell} (first at line {prev_line})"
+                )
         rows.append((ell, values, lineno))
     if not rows:
         raise ValueError(f"{path}: no data rows (expected columns {' '.join(COLUMNS)})")

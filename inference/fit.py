@@ -63,16 +63,16 @@ from crjax.theory import bgk_spectrum
 from inference.data import Spectrum, load_spectrum
 
 __all__ = [
-    "Priors",
     "MapResult",
     "NutsResult",
+    "Priors",
+    "coupling_forward",
+    "declination_band_mask",
     "fit_p_map",
     "fit_p_nuts",
-    "fsky_forward",
-    "coupling_forward",
-    "mask_coupling_matrix",
-    "declination_band_mask",
     "fit_spectrum_file",
+    "fsky_forward",
+    "mask_coupling_matrix",
     "plot_fit",
 ]
 
@@ -101,9 +101,13 @@ class _Prepared:
     spectrum: Spectrum
 
 
-def _prepare(spectrum, lmin, lmax, noise, noise_level, likelihood, forward, forward_lmax) -> _Prepared:
+def _prepare(
+    spectrum, lmin, lmax, noise, noise_level, likelihood, forward, forward_lmax
+) -> _Prepared:
     if not isinstance(spectrum, Spectrum):
-        raise ValueError(f"spectrum must be an inference.data.Spectrum; got {type(spectrum).__name__}")
+        raise ValueError(  # noqa: TRY004  (project convention: every bad input is a ValueError)
+            f"spectrum must be an inference.data.Spectrum; got {type(spectrum).__name__}"
+        )
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
     if noise not in NOISE_MODES:
@@ -126,18 +130,26 @@ def _prepare(spectrum, lmin, lmax, noise, noise_level, likelihood, forward, forw
     if noise == "fixed":
         nfix = noise_level if noise_level is not None else spectrum.noise_level
         if nfix is None:
-            raise ValueError("noise='fixed' needs noise_level= or a 'noise_level' header in the spectrum file")
+            raise ValueError(
+                "noise='fixed' needs noise_level= or a 'noise_level' header in the spectrum file"
+            )
         if not (math.isfinite(nfix) and nfix >= 0):
             raise ValueError(f"noise_level must be finite and >= 0; got {nfix!r}")
     elif noise_level is not None:
-        raise ValueError(f"noise_level is only used with noise='fixed' (or 'auto'); got noise={noise!r}")
+        raise ValueError(
+            f"noise_level is only used with noise='fixed' (or 'auto'); got noise={noise!r}"
+        )
     if forward is not None and not callable(forward):
-        raise ValueError("forward must be a callable mapping full-sky C_ell (index = ell) to pseudo-C_ell")
+        raise ValueError(
+            "forward must be a callable mapping full-sky C_ell (index = ell) to pseudo-C_ell"
+        )
     lmax_data = int(sel.ell.max())
     if forward_lmax is None:
         forward_lmax = getattr(forward, "lmax_in", lmax_data)
     if forward_lmax < lmax_data:
-        raise ValueError(f"forward_lmax must be >= the largest fitted ell ({lmax_data}); got {forward_lmax}")
+        raise ValueError(
+            f"forward_lmax must be >= the largest fitted ell ({lmax_data}); got {forward_lmax}"
+        )
     n_free = 3 if noise == "free" else 2
     if sel.ell.size <= n_free:
         raise ValueError(
@@ -211,7 +223,9 @@ def _model(st: _Static, data: dict, p, amp, noise):
     """μ_ℓ / s for the fitted ℓ (traced in p, amp = A/s, noise = N/s)."""
     if st.forward is None:
         return amp * bgk_spectrum(data["ell"].astype(float), p) + noise
-    full = jnp.concatenate([jnp.zeros(1), amp * bgk_spectrum(jnp.arange(1.0, st.forward_lmax + 1.0), p)])
+    full = jnp.concatenate(
+        [jnp.zeros(1), amp * bgk_spectrum(jnp.arange(1.0, st.forward_lmax + 1.0), p)]
+    )
     # the forward model sees C_ℓ in data units (a mask coupling is linear, so the scale commutes)
     pseudo = jnp.asarray(st.forward(full * data["scale"])) / data["scale"]
     return pseudo[data["ell"]] + noise
@@ -246,9 +260,12 @@ def _natural(st: _Static, data: dict, u):
 def _neg2loglike(st: _Static, data: dict, u):
     p, amp, noise = _natural(st, data, u)
     mu = _model(st, data, p, amp, noise)
-    return jnp.sum(_chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"]))
+    return jnp.sum(
+        _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
+    )
 
 
+_grad = jax.jit(jax.grad(_neg2loglike, argnums=2), static_argnums=0)
 _hessian = jax.jit(jax.hessian(_neg2loglike, argnums=2), static_argnums=0)
 _loss_grid = jax.jit(jax.vmap(_neg2loglike, in_axes=(None, None, 0)), static_argnums=0)
 
@@ -294,7 +311,10 @@ class MapResult:
     n_iter: int
 
     def summary(self) -> dict:
-        d = {k: getattr(self, k) for k in ("p", "p_err", "amplitude", "amplitude_err", "noise", "noise_err")}
+        d = {
+            k: getattr(self, k)
+            for k in ("p", "p_err", "amplitude", "amplitude_err", "noise", "noise_err")
+        }
         d.update(
             p_interval_68=list(self.p_interval),
             noise_mode=self.noise_mode,
@@ -332,7 +352,7 @@ def _optimise(st: _Static, data: dict, u0, max_iter: int, tol):
 
     init = (u0, opt.init(u0), jnp.asarray(jnp.inf))
     u, state, _ = jax.lax.while_loop(cond, step, init)
-    return u, optax.tree_utils.tree_get(state, "count"), jnp.linalg.norm(jax.grad(f)(u))
+    return u, optax.tree_utils.tree_get(state, "count")
 
 
 def fit_p_map(
@@ -366,11 +386,14 @@ def fit_p_map(
         starts.append([logit(pg), math.log(amp)] + ([nz] if free else []))
     starts = jnp.asarray(np.array(starts, dtype=float))
     u0 = starts[int(np.nanargmin(np.asarray(_loss_grid(st, data, starts))))]
-    u, n_iter, gnorm = _optimise(st, data, u0, max_iter, tol)
+    u, n_iter = _optimise(st, data, u0, max_iter, tol)
+    gnorm = np.linalg.norm(np.asarray(_grad(st, data, u)))
     hess = np.asarray(_hessian(st, data, u))
     cov_u = _safe_inverse(hess)
     # gradient of −2 ln L (an O(n) number) below 1e-5 at an L-BFGS stop: converged for our purposes
-    converged = bool(np.isfinite(float(gnorm)) and float(gnorm) <= 1e-5 and np.all(np.isfinite(cov_u)))
+    converged = bool(
+        np.isfinite(float(gnorm)) and float(gnorm) <= 1e-5 and np.all(np.isfinite(cov_u))
+    )
     p, amp, nz = (float(v) for v in _natural(st, data, u))
     jac = np.diag([p * (1 - p), amp * prep.scale] + ([prep.scale] if free else []))
     cov = jac @ cov_u @ jac.T
@@ -490,7 +513,9 @@ class NutsResult:
 def _loglike_natural(st: _Static, data: dict, p, log_amp, noise):
     # one jitted call: numpyro's initialisation traces the model eagerly, op by op
     mu = _model(st, data, p, jnp.exp(log_amp), noise)
-    return -0.5 * jnp.sum(_chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"]))
+    return -0.5 * jnp.sum(
+        _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
+    )
 
 
 def _numpyro_model(st: _Static, priors: Priors):
@@ -537,8 +562,14 @@ def fit_p_nuts(
     prep = _prepare(spectrum, lmin, lmax, noise, noise_level, likelihood, forward, forward_lmax)
     priors = Priors() if priors is None else priors
     if not isinstance(priors, Priors):
-        raise ValueError(f"priors must be an inference.fit.Priors; got {type(priors).__name__}")
-    for name, v, lo in (("num_warmup", num_warmup, 1), ("num_samples", num_samples, 2), ("num_chains", num_chains, 1)):
+        raise ValueError(  # noqa: TRY004  (project convention: every bad input is a ValueError)
+            f"priors must be an inference.fit.Priors; got {type(priors).__name__}"
+        )
+    for name, v, lo in (
+        ("num_warmup", num_warmup, 1),
+        ("num_samples", num_samples, 2),
+        ("num_chains", num_chains, 1),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
     mcmc = MCMC(
@@ -560,7 +591,8 @@ def fit_p_nuts(
     samples = {
         "p": flat["p"],
         "amplitude": np.exp(flat["log_amp"]) * prep.scale,
-        "noise": (flat["noise_scaled"] if "noise_scaled" in flat else np.full(n, prep.noise_fixed)) * prep.scale,
+        "noise": (flat["noise_scaled"] if "noise_scaled" in flat else np.full(n, prep.noise_fixed))
+        * prep.scale,
     }
 
     def interval(a):
@@ -650,7 +682,9 @@ def declination_band_mask(nside: int, dec_min_deg: float, dec_max_deg: float) ->
     """0/1 HEALPix (RING) mask of the equatorial declination band [dec_min, dec_max] in degrees."""
     check_nside(nside)
     if not (-90 <= dec_min_deg < dec_max_deg <= 90):
-        raise ValueError(f"need -90 <= dec_min_deg < dec_max_deg <= 90; got {dec_min_deg}, {dec_max_deg}")
+        raise ValueError(
+            f"need -90 <= dec_min_deg < dec_max_deg <= 90; got {dec_min_deg}, {dec_max_deg}"
+        )
     theta, _ = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)))
     dec = 90.0 - np.degrees(theta)
     return ((dec >= dec_min_deg) & (dec <= dec_max_deg)).astype(float)
@@ -668,7 +702,10 @@ def _log_wigner3j_000_sq(l1, l2, l3):
         return gammaln(np.maximum(n, 0) + 1.0)
 
     val = (
-        lf(L - 2 * l1) + lf(L - 2 * l2) + lf(L - 2 * l3) - lf(L + 1)
+        lf(L - 2 * l1)
+        + lf(L - 2 * l2)
+        + lf(L - 2 * l3)
+        - lf(L + 1)
         + 2.0 * (lf(g) - lf(g - l1) - lf(g - l2) - lf(g - l3))
     )
     return np.where(ok, val, -np.inf)
@@ -689,7 +726,11 @@ def mask_coupling_matrix(mask: np.ndarray, lmax: int, *, lmax_in: int | None = N
     l2 = np.arange(lmax_in + 1)[None, :, None]
     L = np.arange(lmask + 1)[None, None, :]
     w3 = np.exp(_log_wigner3j_000_sq(l1, l2, L))
-    return (2 * l2[..., 0] + 1) / (4 * np.pi) * np.einsum("abl,l->ab", w3, (2 * np.arange(lmask + 1) + 1) * wl)
+    return (
+        (2 * l2[..., 0] + 1)
+        / (4 * np.pi)
+        * np.einsum("abl,l->ab", w3, (2 * np.arange(lmask + 1) + 1) * wl)
+    )
 
 
 def coupling_forward(mask: np.ndarray, lmax: int, *, lmax_in: int | None = None) -> Callable:
@@ -717,17 +758,31 @@ def _profile_curve(spectrum: Spectrum, result: MapResult, ell_plot, p):
     best fit), on ell_plot (no forward model)."""
     from scipy.optimize import minimize_scalar
 
-    prep = _prepare(spectrum, int(result.ell.min()), int(result.ell.max()), "fixed" if result.noise_mode != "none"
-                    else "none", result.noise if result.noise_mode != "none" else None, result.likelihood, None, None)
+    prep = _prepare(
+        spectrum,
+        int(result.ell.min()),
+        int(result.ell.max()),
+        "fixed" if result.noise_mode != "none" else "none",
+        result.noise if result.noise_mode != "none" else None,
+        result.likelihood,
+        None,
+        None,
+    )
     st, data = _static(prep), _data(prep)
     lam = float(logit(p))
     a0 = math.log(max(result.amplitude / prep.scale, 1e-12))
-    best = minimize_scalar(lambda la: float(_neg2loglike(st, data, jnp.array([lam, la]))), bracket=(a0 - 1, a0 + 1))
+    best = minimize_scalar(
+        lambda la: float(_neg2loglike(st, data, jnp.array([lam, la]))), bracket=(a0 - 1, a0 + 1)
+    )
     amp = math.exp(best.x) * prep.scale
-    return amp * np.asarray(bgk_spectrum(ell_plot, p)) + (result.noise if result.noise_mode != "none" else 0.0)
+    return amp * np.asarray(bgk_spectrum(ell_plot, p)) + (
+        result.noise if result.noise_mode != "none" else 0.0
+    )
 
 
-def plot_fit(spectrum: Spectrum, result: MapResult, path: str | os.PathLike | None = None, *, title=None):
+def plot_fit(
+    spectrum: Spectrum, result: MapResult, path: str | os.PathLike | None = None, *, title=None
+):
     """Data (asymmetric error bars) vs the best-fit BGK curve and p = 1/3, 1/2, 2/3 (the seed's Fig. 3
     values; amplitude of each maximising the same likelihood at fixed p). Curves are full-sky models (no
     forward model is drawn). Returns the figure."""
@@ -737,15 +792,38 @@ def plot_fit(spectrum: Spectrum, result: MapResult, path: str | os.PathLike | No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.errorbar(spectrum.ell, spectrum.cl, yerr=[spectrum.err_lo, spectrum.err_hi], fmt="o", ms=3, color="k",
-                label=spectrum.experiment or "data", alpha=0.8)
+    ax.errorbar(
+        spectrum.ell,
+        spectrum.cl,
+        yerr=[spectrum.err_lo, spectrum.err_hi],
+        fmt="o",
+        ms=3,
+        color="k",
+        label=spectrum.experiment or "data",
+        alpha=0.8,
+    )
     ell_plot = np.arange(1, int(spectrum.ell.max()) + 1)
     nz = result.noise if result.noise_mode != "none" else 0.0
     for pv, ls in ((1 / 3, ":"), (1 / 2, "--"), (2 / 3, "-.")):
-        ax.plot(ell_plot, _profile_curve(spectrum, result, ell_plot, pv), ls, lw=1, label=f"BGK p = {pv:.3g}")
+        ax.plot(
+            ell_plot,
+            _profile_curve(spectrum, result, ell_plot, pv),
+            ls,
+            lw=1,
+            label=f"BGK p = {pv:.3g}",
+        )
     best = result.amplitude * np.asarray(bgk_spectrum(ell_plot, result.p)) + nz
-    ax.plot(ell_plot, best, "-", color="C3", lw=2, label=f"best fit p = {result.p:.3f} ± {result.p_err:.3f}")
-    ax.axvspan(result.ell.min() - 0.5, result.ell.max() + 0.5, color="0.9", zorder=-1, label="fitted range")
+    ax.plot(
+        ell_plot,
+        best,
+        "-",
+        color="C3",
+        lw=2,
+        label=f"best fit p = {result.p:.3f} ± {result.p_err:.3f}",
+    )
+    ax.axvspan(
+        result.ell.min() - 0.5, result.ell.max() + 0.5, color="0.9", zorder=-1, label="fitted range"
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     pos = spectrum.cl[spectrum.cl > 0]
@@ -753,7 +831,9 @@ def plot_fit(spectrum: Spectrum, result: MapResult, path: str | os.PathLike | No
         ax.set_ylim(0.3 * pos.min(), 3 * max(pos.max(), best.max()))
     ax.set_xlabel(r"multipole $\ell$")
     ax.set_ylabel(r"$C_\ell$")
-    ax.set_title(title or "BGK fit (seed eq. 4.7)" + (" — SYNTHETIC data" if spectrum.synthetic else ""))
+    ax.set_title(
+        title or "BGK fit (seed eq. 4.7)" + (" — SYNTHETIC data" if spectrum.synthetic else "")
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
@@ -783,12 +863,25 @@ def fit_spectrum_file(
     """Fit p to a spectrum file: ML + Laplace (always) and NUTS (``nuts=True``); print a report, write it
     as JSON to ``output`` and the data-vs-BGK plot to ``plot`` (if given). Returns the report dict."""
     spectrum = load_spectrum(path)
-    kw = dict(lmin=lmin, lmax=lmax, noise=noise, noise_level=noise_level, likelihood=likelihood)
+    kw = {
+        "lmin": lmin,
+        "lmax": lmax,
+        "noise": noise,
+        "noise_level": noise_level,
+        "likelihood": likelihood,
+    }
     ml = fit_p_map(spectrum, **kw)
     report = {"file": os.fspath(path), "metadata": spectrum.metadata(), "ml": ml.summary()}
     if nuts:
-        post = fit_p_nuts(spectrum, **kw, priors=priors, num_warmup=num_warmup, num_samples=num_samples,
-                          num_chains=num_chains, seed=seed)
+        post = fit_p_nuts(
+            spectrum,
+            **kw,
+            priors=priors,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            seed=seed,
+        )
         report["nuts"] = post.summary()
     if not quiet:
         print(_format_report(report))
@@ -805,18 +898,26 @@ def _format_report(report: dict) -> str:
     ml = report["ml"]
     meta = report["metadata"]
     lines = [f"spectrum: {report['file']}" + ("  [SYNTHETIC]" if meta.get("synthetic") else "")]
-    lines.append(f"  ell {ml['lmin']}..{ml['lmax']}, likelihood {ml['likelihood']}, noise {ml['noise_mode']}")
+    lines.append(
+        f"  ell {ml['lmin']}..{ml['lmax']}, likelihood {ml['likelihood']}, noise {ml['noise_mode']}"
+    )
     lo, hi = ml["p_interval_68"]
-    lines.append(f"  ML:   p = {ml['p']:.4f} ± {ml['p_err']:.4f}  (68%: {lo:.4f}..{hi:.4f})  "
-                 f"C_1 = {ml['amplitude']:.4g} ± {ml['amplitude_err']:.2g}")
+    lines.append(
+        f"  ML:   p = {ml['p']:.4f} ± {ml['p_err']:.4f}  (68%: {lo:.4f}..{hi:.4f})  "
+        f"C_1 = {ml['amplitude']:.4g} ± {ml['amplitude_err']:.2g}"
+    )
     if ml["noise_mode"] == "free":
         lines.append(f"        N = {ml['noise']:.4g} ± {ml['noise_err']:.2g}")
-    lines.append(f"        -2lnL = {ml['chi2']:.2f} for {ml['dof']} dof (p-value {ml['pvalue']:.3f})"
-                 + ("" if ml["converged"] else "  WARNING: optimiser did not converge"))
+    lines.append(
+        f"        -2lnL = {ml['chi2']:.2f} for {ml['dof']} dof (p-value {ml['pvalue']:.3f})"
+        + ("" if ml["converged"] else "  WARNING: optimiser did not converge")
+    )
     if "nuts" in report:
         nu = report["nuts"]
         lo, hi = nu["p_interval_68"]
-        lines.append(f"  NUTS: p = {nu['p_median']:.4f} (68%: {lo:.4f}..{hi:.4f}), R-hat(p) = {nu['r_hat']['p']:.3f}, "
-                     f"ESS(p) = {nu['ess']['p']:.0f}, divergences {nu['num_divergences']}, "
-                     f"PPC p-value {nu['ppc_pvalue']:.2f}")
+        lines.append(
+            f"  NUTS: p = {nu['p_median']:.4f} (68%: {lo:.4f}..{hi:.4f}), R-hat(p) = {nu['r_hat']['p']:.3f}, "
+            f"ESS(p) = {nu['ess']['p']:.0f}, divergences {nu['num_divergences']}, "
+            f"PPC p-value {nu['ppc_pvalue']:.2f}"
+        )
     return "\n".join(lines)

@@ -21,9 +21,11 @@ from scipy import stats
 from crjax.theory import bgk_spectrum
 from inference.data import NOISE_LEVELS, Spectrum, save_spectrum
 
-__all__ = ["synthetic_spectrum", "main", "EXAMPLE_PATH"]
+__all__ = ["EXAMPLE_PATH", "main", "synthetic_spectrum"]
 
-EXAMPLE_PATH = os.path.join(os.path.dirname(__file__), "data", "synthetic_bgk_p0.5_icecube_like.txt")
+EXAMPLE_PATH = os.path.join(
+    os.path.dirname(__file__), "data", "synthetic_bgk_p0.5_icecube_like.txt"
+)
 
 
 def synthetic_spectrum(
@@ -42,7 +44,9 @@ def synthetic_spectrum(
     level N. Deterministic given ``seed``. Defaults: the IceCube-like numbers of the seed's Fig. 1.
     """
     if not (isinstance(lmin, int) and isinstance(lmax, int) and 1 <= lmin <= lmax):
-        raise ValueError(f"lmin and lmax must be integers with 1 <= lmin <= lmax; got {lmin}, {lmax}")
+        raise ValueError(
+            f"lmin and lmax must be integers with 1 <= lmin <= lmax; got {lmin}, {lmax}"
+        )
     if not (0 < f_sky <= 1):
         raise ValueError(f"f_sky must lie in (0, 1]; got {f_sky}")
     if not (c1 > 0) or not (noise >= 0):
@@ -74,7 +78,9 @@ def synthetic_spectrum(
 
 def main(argv=None) -> int:
     """Write the example spectrum (or one with other parameters) to a file."""
-    ap = argparse.ArgumentParser(prog="python -m inference.make_synthetic", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m inference.make_synthetic", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--p", type=float, default=0.5)
     ap.add_argument("--lmax", type=int, default=30)
     ap.add_argument("--seed", type=int, default=2015)

@@ -68,7 +68,9 @@ def test_round_trip_exact(tmp_path):
     save_spectrum(path, spec)
     back = load_spectrum(path)
     for k in ("ell", "cl", "err_lo", "err_hi"):
-        np.testing.assert_array_equal(getattr(back, k), getattr(spec, k))  # repr() round-trips float64
+        np.testing.assert_array_equal(
+            getattr(back, k), getattr(spec, k)
+        )  # repr() round-trips float64
     assert back.metadata() == spec.metadata()
 
 
@@ -80,7 +82,8 @@ def test_shipped_example_is_synthetic_and_reproducible(tmp_path):
     # the generator is deterministic: re-running it reproduces the shipped file byte for byte
     out = tmp_path / "regen.txt"
     assert make_synthetic_main(["--output", str(out)]) == 0
-    assert out.read_text() == open(EXAMPLE_PATH).read()
+    with open(EXAMPLE_PATH) as fh:
+        assert out.read_text() == fh.read()
 
 
 def test_noise_constants_from_seed():
@@ -102,7 +105,10 @@ HEADER = "# experiment: X\n"
         ("1 1e-6 inf 1e-7\n", r"spec.txt:2: err_lo must be finite"),
         ("1 1e-6 -1e-7 1e-7\n", r"spec.txt:2: err_lo must be > 0"),
         ("1 1e-6 1e-7 0\n", r"spec.txt:2: err_hi must be > 0"),
-        ("1 1e-6 1e-7 1e-7\n1 2e-6 1e-7 1e-7\n", r"spec.txt:3: duplicate multipole ell = 1 \(first at line 2\)"),
+        (
+            "1 1e-6 1e-7 1e-7\n1 2e-6 1e-7 1e-7\n",
+            r"spec.txt:3: duplicate multipole ell = 1 \(first at line 2\)",
+        ),
         ("2.5 1e-6 1e-7 1e-7\n", r"spec.txt:2: ell must be an integer"),
         ("-1 1e-6 1e-7 1e-7\n", r"spec.txt:2: ell must be an integer >= 0"),
         ("1 abc 1e-7 1e-7\n", r"spec.txt:2: C_ell is not a number"),
@@ -135,7 +141,8 @@ def test_bad_headers(tmp_path, header, message):
 
 
 def test_header_keys_documented():
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "spectrum_format.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "spectrum_format.md")) as fh:
+        doc = fh.read()
     for key in HEADER_KEYS:
         assert f"`{key}`" in doc
 

@@ -63,9 +63,17 @@ def test_shape_is_exactly_one_at_dipole_and_amplitude_consistent():
     ells = ELLS
     amp = bgk_amplitude(ells, 0.5, 2.0, 4.0)
     # (4.7) by hand: (3/2) Q1/(ℓ(ℓ+1)) ∫ x P_ℓ/ν0(1−x)^p
-    ref = 1.5 * 2.0 / (ells * (ells + 1.0)) * np.array([_quad_integral(int(e), 0.5) for e in ells]) / 4.0
+    ref = (
+        1.5
+        * 2.0
+        / (ells * (ells + 1.0))
+        * np.array([_quad_integral(int(e), 0.5) for e in ells])
+        / 4.0
+    )
     np.testing.assert_allclose(np.asarray(amp), ref, rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(amp / amp[0]), np.asarray(bgk_spectrum(ells, 0.5)), rtol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(amp / amp[0]), np.asarray(bgk_spectrum(ells, 0.5)), rtol=1e-13
+    )
 
 
 @pytest.mark.parametrize("p", (0.25, 0.5, 0.75))
@@ -80,7 +88,9 @@ def test_large_ell_stable_and_power_law(p):
         ell, pp = mpmath.mpf(int(ell)), mpmath.mpf(p)
 
         def red(e):
-            return mpmath.gamma(e + pp - 1) / mpmath.gamma(e + 3 - pp) * (e * (e + 1) - pp * (1 - pp))
+            return (
+                mpmath.gamma(e + pp - 1) / mpmath.gamma(e + 3 - pp) * (e * (e + 1) - pp * (1 - pp))
+            )
 
         return float(red(ell) / (ell * (ell + 1)) / (red(mpmath.mpf(1)) / 2))
 
@@ -97,18 +107,17 @@ def test_grad_vmap_and_endpoints():
     def f(p):
         return jnp.sum(jnp.log(bgk_spectrum(ells, p)))
 
-    # one compiled gradient over interior and near-end points (compiles dominate on a loaded CPU)
+    # one compiled, vmapped value-and-gradient over interior and near-end points (compiles dominate)
     ps = jnp.array([1e-9, 1e-4, 0.45, 1 - 1e-4, 1 - 1e-9])
-    grads = np.asarray(jax.jit(jax.vmap(jax.grad(f)))(ps))
-    # near the ends the shape tends to its limits smoothly (ℓ ≥ 2 power ∝ p as p → 0): finite slopes
+    vals, grads = (np.asarray(a) for a in jax.jit(jax.vmap(jax.value_and_grad(f)))(ps))
+    np.testing.assert_allclose(vals, [float(f(p)) for p in ps], rtol=1e-13)
+    # near the ends the shape tends to its limits smoothly (power at l >= 2 is ~p as p -> 0): finite
     assert np.all(np.isfinite(grads))
-    # central difference, h = 1e-5: truncation ~h²|f'''| ~ 1e-9, round-off ~1e-16 |f| / h ~ 1e-9
-    fv = jax.jit(jax.vmap(f))
+    # central difference of the eager (already compiled) spectrum, h = 1e-5: truncation ~h^2 f''' ~ 1e-9,
+    # round-off ~1e-16 |f| / h ~ 1e-9, both small against |f'| ~ 10
     h = 1e-5
-    fd = (fv(ps[2:3] + h) - fv(ps[2:3] - h)) / (2 * h)
-    np.testing.assert_allclose(grads[2], np.asarray(fd)[0], rtol=1e-7)
-    batched = jax.vmap(lambda p: bgk_spectrum(ells, p))(ps[1:4])
-    np.testing.assert_allclose(batched, np.stack([bgk_spectrum(ells, p) for p in ps[1:4]]), rtol=1e-14)
+    fd = (float(f(0.45 + h)) - float(f(0.45 - h))) / (2 * h)
+    np.testing.assert_allclose(grads[2], fd, rtol=1e-7)
 
 
 @pytest.mark.parametrize("bad_p", (0.0, 1.0, -0.2, 1.5, float("nan")))
@@ -117,7 +126,9 @@ def test_bad_p(bad_p):
         bgk_spectrum(np.arange(1, 4), bad_p)
 
 
-@pytest.mark.parametrize("bad_ell", (np.arange(0, 4), np.array([1.5, 2.0]), np.array([], dtype=int)))
+@pytest.mark.parametrize(
+    "bad_ell", (np.arange(0, 4), np.array([1.5, 2.0]), np.array([], dtype=int))
+)
 def test_bad_ell(bad_ell):
     with pytest.raises(ValueError, match="ell must"):
         bgk_spectrum(bad_ell, 0.5)
@@ -139,7 +150,11 @@ def test_spectrum_from_nu_general_model_and_grad():
         return (1.0 - x) ** q * (2.0 + a * x)
 
     got = spectrum_from_nu(ells, nu, endpoint_exponent=q)
-    ref = 1.5 / (ells * (ells + 1.0)) * np.array([_quad_integral(int(e), q, lambda x: 2.0 + x) for e in ells])
+    ref = (
+        1.5
+        / (ells * (ells + 1.0))
+        * np.array([_quad_integral(int(e), q, lambda x: 2.0 + x) for e in ells])
+    )
     # smooth part 1/(2+x) is analytic on [−1, 1]: 94 Jacobi nodes converge geometrically to round-off
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10)
 
@@ -153,19 +168,25 @@ def test_forward_relation_4_6_converges_to_source():
     p = 0.5
     i0 = _quad_integral(0, p)
     errs = []
-    cl_all = np.concatenate([[0.0], np.asarray(bgk_amplitude(np.arange(1, 161), p, 1.0, 1.0))])
-    for kmax in (40, 160):
+    cl_all = np.concatenate([[0.0], np.asarray(bgk_amplitude(ELLS, p, 1.0, 1.0))])
+    for kmax in (40, 100):
         cl = cl_all[: kmax + 1]
-        src = np.asarray(source_from_spectrum(np.arange(5), cl, lambda x: (1 - x) ** p, monopole_weight=1.5 * i0))
+        src = np.asarray(
+            source_from_spectrum(np.arange(5), cl, lambda x: (1 - x) ** p, monopole_weight=1.5 * i0)
+        )
         errs.append(np.max(np.abs(src - np.array([0.0, 1.0, 0.0, 0.0, 0.0]))))
     # truncated Legendre series of the (1−x)^(−p)-singular h(x): error ∝ K^(−2) (measured 4.6e-4, 3.1e-5)
-    assert errs[1] < 5e-5
-    assert errs[0] / errs[1] > 10
+    # (K = 160 gave 3.1e-5; 2.5^2 = 6.25 expected between K = 40 and 100)
+    assert errs[1] < 1.2e-4
+    assert errs[0] / errs[1] > 5
 
 
 def test_diffusion_dipole_analytic_and_healpy():
     kappa = 0.7
-    np.testing.assert_allclose(diffusion_dipole(kappa * jnp.eye(3), jnp.array([0.0, 0.0, 2.0])), 4 * np.pi * (2 * kappa) ** 2)
+    np.testing.assert_allclose(
+        diffusion_dipole(kappa * jnp.eye(3), jnp.array([0.0, 0.0, 2.0])),
+        4 * np.pi * (2 * kappa) ** 2,
+    )
     rng = np.random.default_rng(1)
     m = rng.normal(size=(3, 3))
     K = m @ m.T + np.diag([1.0, 0.3, 0.1])  # symmetric positive (anisotropic diffusion)
