@@ -216,7 +216,8 @@ def _split(value: Fraction, bits: tuple[int, ...], np_dtype) -> tuple[float, ...
 # Reduction constants per dtype. fp64: j·P1 exact for |j| < 2^20 (|x| ≲ 3e6); the truncation error
 # j·(π − P1 − P2) ~ 2^20·2^-86 is negligible. fp32: three 8-bit chunks keep j·P_i exact for
 # |j| < 2^16 (|x| ≲ 2e5); two chunks would leave j·2^-32 ≈ 1e-5 of truncation error. Beyond these
-# ranges the result degrades gradually (the products are no longer exact).
+# ranges the result degrades gradually (the products are no longer exact); measured max errors:
+# fp64 3e-16 up to |x| = 1e8; fp32 2.2e-7 up to 1e6, 1.2e-5 at 1e7 (tests/test_field.py).
 _PI_PARTS = {
     np.dtype(np.float64): _split(_PI, (33,), np.float64),
     np.dtype(np.float32): _split(_PI, (8, 8, 8), np.float32),
@@ -302,13 +303,13 @@ def _sin_poly(x):
 
 @jax.custom_jvp
 def _fast_cos(x):
-    """cos x to ≲ 2 ulp of 1 for |x| ≲ 1e5 (fp64 and fp32); d/dx = −sin x (``_fast_sin``)."""
+    """cos x to ≲ 2 ulp of 1 for |x| ≤ 1e8 (fp64) / 1e6 (fp32); d/dx = −sin x (``_fast_sin``)."""
     return _cos_poly(x)
 
 
 @jax.custom_jvp
 def _fast_sin(x):
-    """sin x to ≲ 2 ulp of 1 for |x| ≲ 1e5 (fp64 and fp32); d/dx = cos x (``_fast_cos``)."""
+    """sin x to ≲ 2 ulp of 1 for |x| ≤ 1e8 (fp64) / 1e6 (fp32); d/dx = cos x (``_fast_cos``)."""
     return _sin_poly(x)
 
 

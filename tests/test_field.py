@@ -63,6 +63,7 @@ def test_fast_cos_sin_accuracy(dtype):
     x = np.concatenate(
         [
             rng.uniform(-1e5, 1e5, 200_000),  # the range the field needs: |k·x| up to ~1e5
+            rng.uniform(-1, 1, 20_000) * (1e8 if dtype == np.float64 else 1e6),  # documented limit
             np.linspace(-20.0, 20.0, 40_001),
             # just either side of multiples of π/4, where quadrant and polynomial switch
             (np.arange(-4000, 4001) * np.pi / 4)[:, None] * (1 + np.array([-1e-7, 0, 1e-7]))[None],
@@ -206,10 +207,13 @@ def test_divergence_free(field64, key):
     assert np.max(np.abs(div)) < 50 * EPS[np.float64] * scale
 
 
-def test_fast_matches_exact_and_shapes(field64, call_jit):
+def test_fast_matches_exact_and_shapes(field64, call_jit, key):
     exact = TurbulentField(
         field64.b0, field64.wavevectors, field64.amplitudes, field64.phases, exact_cos=True
     )
+    # the fast cosine is the default; realise_field(exact_cos=True) selects jnp.cos (abstractly)
+    assert not field64.exact_cos
+    assert jax.eval_shape(lambda k: realise_field(k, paper_2015_field(), exact_cos=True), key).exact_cos
     bf, be = call_jit(field64, X5), call_jit(exact, X5)
     assert bf.dtype == jnp.float64
     # |cos error| ≤ 2 eps per mode, so |ΔB| ≤ 2 eps Σ|A_n| (fp64).
