@@ -12,6 +12,7 @@ _jax.config.update("jax_enable_x64", True)
 from .sky import healpix_directions, npix_to_nside  # noqa: E402
 from .field import FieldParams, TurbulentField, realise_field, uniform_field  # noqa: E402
 from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E402
+from .backtrack import Trajectory, backtrack, propagate, run_ensemble  # noqa: E402
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
 from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
 

@@ -357,8 +357,8 @@ def test_boris_and_rk_agree_statistically(key):
     red = lambda tr: jnp.einsum("rtni,rtnj->rtij", tr.positions, tr.positions) / 192  # noqa: E731
     out = {}
     for solver in ("boris", "tsit5"):
-        m = run_ensemble(params, key, 8, dirs, times, rL=RL, chunk_size=4, reducer=red,
-                         solver=solver)
+        m = np.asarray(run_ensemble(params, key, 8, dirs, times, rL=RL, chunk_size=4,
+                                    reducer=red, solver=solver))
         out[solver] = np.stack(parallel_perpendicular(m / (2 * times[:, None, None]), [0, 0, 1]))
     # Same realisations: compare the paired per-realisation differences with their spread.
     d = out["boris"] - out["tsit5"]  # (2, nreal, ntimes)
@@ -372,39 +372,43 @@ def test_boris_and_rk_agree_statistically(key):
 
 @pytest.mark.slow
 def test_slab_quasilinear_pitch_angle_diffusion(key):
-    """D_μμ(μ) from short-time ⟨Δμ²⟩/(2t) vs quasi-linear theory (physics.md §7), σ² ≪ 1, slab."""
-    from crjax.field import KolmogorovSpectrum
+    """D_μμ(μ) from ⟨Δμ²⟩/(2t) vs quasi-linear theory (physics.md §7), σ² ≪ 1, slab, within 10%.
 
-    sigma2, rL = 0.01, 0.1
-    lmin, lmax, n_modes = 0.01, 100.0, 512
-    params = FieldParams(sigma2=sigma2, lmin=lmin, lmax=lmax, geometry="slab", n_modes=n_modes,
-                         spectrum=KolmogorovSpectrum())
-    mus = np.array([0.2, 0.35, 0.5, 0.7])
-    # many gyro-phases per μ: directions on rings of constant μ
-    phi = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    p = np.concatenate([np.stack([np.sqrt(1 - m**2) * np.cos(phi), np.sqrt(1 - m**2) * np.sin(phi),
-                                  np.full_like(phi, m)], -1) for m in mus])
-    # t: many gyrations (resonance is sharp) but ≪ scattering time 1/D_μμ ~ rL/σ² ~ 10.
-    times = np.array([1.0, 2.0])  # tΩ = 10, 20
-    n_real = 48
-    mu_t = run_ensemble(params, key, n_real, p, times, rL=rL, chunk_size=8, dt=rL / 40,
-                        reducer=lambda tr: tr.velocities[..., 2])  # (nreal, ntimes, npix)
-    mu_t = np.asarray(mu_t).reshape(n_real, len(times), len(mus), len(phi))
-    dmu2 = ((mu_t - mus[None, None, :, None]) ** 2).mean((0, 3))  # (ntimes, nmu)
-    # Δμ² grows linearly once t ≫ 1/(k v μ): use the slope between the two times.
-    d_sim = (dmu2[1] - dmu2[0]) / (2 * (times[1] - times[0]))
-    # QLT: D = π Ω² (1−μ²) P(k_res)/(B0² |μ|), P per transverse component with ∫P dk = σ²/2 over
-    # −∞..∞. For the Kolmogorov G_n = k³/(1+k^γ) on log-spaced k, E(k) ∝ k²/(1+k^γ) on [k_lo, k_hi]
-    # (one-sided): P(k) = (σ²/2)·E(|k|)/(2∫E dk) for each sign of k.
+    Setup, and why: σ² = 3e-4 so that μ moves little (2D_μμ t ≲ 0.1 μ²) — QLT's unperturbed orbits;
+    tΩ = 100 so that (i) the resonance window Δk/k ≈ π/(Ωt) = 3% holds ~7 of the 1024 log-spaced
+    modes (λ from 0.01 to 1 Lc: 2 decades), i.e. the discrete spectrum acts as a continuum, and
+    (ii) the bounded, non-resonant tilt of μ by the large-scale modes (~σ²) is small against 2D_μμ t.
+    λmax = 1 Lc drops the k < 2π modes that would only add that tilt; the resonances
+    k_res = Ω/μ = 14–33 lie well inside the spectrum.
+    """
     from scipy.integrate import quad
 
-    gamma = 11 / 3
-    E = lambda k: k**2 / (1 + k**gamma)  # noqa: E731
-    klo, khi = 2 * np.pi / lmax, 2 * np.pi / lmin
-    norm = quad(E, klo, khi, limit=500, points=[1.0])[0]
+    sigma2, rL, lmin, lmax = 3e-4, 0.1, 0.01, 1.0
+    params = FieldParams(sigma2=sigma2, lmin=lmin, lmax=lmax, geometry="slab", n_modes=1024)
+    mus = np.array([0.3, 0.5, 0.7])
+    phi = np.linspace(0, 2 * np.pi, 32, endpoint=False)  # gyro-phases on each ring of fixed μ
+    p = np.concatenate([np.stack([np.sqrt(1 - m**2) * np.cos(phi), np.sqrt(1 - m**2) * np.sin(phi),
+                                  np.full_like(phi, m)], -1) for m in mus])
+    times = np.array([5.0, 10.0])  # tΩ = 50, 100
+    n_real = 64
+    mu_t = run_ensemble(params, key, n_real, p, times, rL=rL, chunk_size=8,
+                        reducer=lambda tr: tr.velocities[..., 2])  # (nreal, ntimes, npix)
+    mu_t = np.asarray(mu_t).reshape(n_real, len(times), len(mus), len(phi))
+    per_real = ((mu_t - mus[None, None, :, None]) ** 2).mean(3) / (2 * times[None, :, None])
+    d_sim = per_real.mean(0)  # (ntimes, nmu)
+    # Statistical error over realisations (the 32 phases share one field, so they are not
+    # independent): with ~7 resonant modes per realisation it is ~5-10% here.
+    d_err = per_real.std(0, ddof=1) / np.sqrt(n_real)
+    # QLT: D = π Ω² (1−μ²) P(k_res)/(B0² |μ|), P per transverse component, two-sided, with
+    # ∫P dk = σ²/2 over −∞..∞. G_n = k³/(1+k^γ) on log-spaced k means E(k) ∝ k²/(1+k^γ) (one-
+    # sided, on [2π/λmax, 2π/λmin]), so P(k) = (σ²/2)·E(|k|)/(2∫E dk).
+    E = lambda k: k**2 / (1 + k ** (11 / 3))  # noqa: E731
+    norm = quad(E, 2 * np.pi / lmax, 2 * np.pi / lmin, limit=500)[0]
     omega = 1 / rL
-    kres = omega / mus
-    P = 0.5 * sigma2 * E(kres) / (2 * norm)
+    P = 0.5 * sigma2 * E(omega / mus) / (2 * norm)
     d_qlt = np.pi * omega**2 * (1 - mus**2) * P / mus
-    print("mu:", mus, "\nD_sim:", d_sim, "\nD_QLT:", d_qlt, "\nratio:", d_sim / d_qlt)
-    np.testing.assert_allclose(d_sim, d_qlt, rtol=0.10)
+    ratio, ratio_err = d_sim[-1] / d_qlt, d_err[-1] / d_qlt
+    print("mu:", mus, "\nD_sim (tΩ=50, 100):", d_sim, "\nD_QLT:", d_qlt,
+          "\nratio at tΩ=100:", ratio, "+-", ratio_err)
+    # QLT within 10% (physics.md §7), beyond the statistical error of 64 realisations (2σ).
+    assert np.all(np.abs(ratio - 1) < 0.10 + 2 * ratio_err)
