@@ -249,3 +249,15 @@ def test_kill_9_of_the_cli_then_resume_is_bit_identical(tiny_run, tmp_path):
     a = _chunks(out)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_plot_command_redraws_the_figures(tiny_run, capsys):
+    from crjax import cli
+
+    out, _ = tiny_run
+    for f in ("fig2.png", "fig3.png", "skymap.png"):
+        (out / f).unlink()
+    assert cli.main(["plot", "--run", str(out)]) == 0
+    for f in ("fig2.png", "fig3.png", "skymap.png"):
+        assert (out / f).stat().st_size > 5000
+    assert "fig3" in capsys.readouterr().out

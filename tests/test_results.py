@@ -130,6 +130,8 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two fresh interpreters importing crjax: ~25 s on a loaded machine. The default
+# suite kills the real pipeline instead (tests/test_reproduce.py::test_kill_9_of_the_cli_...).
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(_SCRIPT)
