@@ -346,6 +346,10 @@ class TurbulentField(eqx.Module):
     exact_cos: bool = eqx.field(default=False, static=True)
     block_size: int | None = eqx.field(default=None, static=True)
 
+    def __check_init__(self):
+        if self.block_size is not None:
+            check_int_at_least("block_size", self.block_size, 1)
+
     @property
     def n_modes(self) -> int:
         return self.phases.shape[0]

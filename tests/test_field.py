@@ -354,6 +354,8 @@ def test_bad_spectrum_and_dtype_raise(key):
         uniform_field(1.0, direction=(0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="b0"):
         uniform_field(0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        TurbulentField(jnp.zeros(3), jnp.zeros((0, 3)), jnp.zeros((0, 3)), jnp.zeros(0), block_size=0)
     with pytest.raises(ValueError, match="x must"):
         uniform_field()(jnp.zeros((4, 2)))
 
