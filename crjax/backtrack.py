@@ -17,6 +17,7 @@ the origin with direction p̂ (``propagate(..., charge=+1)``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,7 +33,7 @@ from ._checks import check_int_at_least, check_positive, check_sorted_times, is_
 from .sky import healpix_directions
 from .solvers import Boris, LorentzTerm
 
-__all__ = ["Trajectory", "backtrack", "propagate", "run_ensemble", "SOLVERS"]
+__all__ = ["SOLVERS", "Trajectory", "backtrack", "propagate", "run_ensemble"]
 
 #: Solver names accepted by ``backtrack``/``propagate``/``run_ensemble``.
 SOLVERS = ("boris", "tsit5", "dopri8")
@@ -112,7 +113,7 @@ def _step_grid(times: np.ndarray, dt: float, substeps: int = 1) -> np.ndarray:
     """
     edges = np.concatenate([[0.0], times])
     pieces = [np.zeros(1)]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         # 1e-9 slack: an interval that is a whole number of steps up to round-off is not split further
         n = max(1, math.ceil((b - a) / (dt * substeps) - 1e-9))
         seg = a + (b - a) * np.arange(1, n + 1) / n
@@ -308,12 +309,43 @@ def propagate(
             f"positions and velocities must have the same shape; got {x0.shape} and {v0.shape}"
         )
     v0 = v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True)
-    return _run(field, x0, v0, times, charge, rL, solver, dt, rtol, atol, dtype, max_steps, b_ref,
-                adjoint, backward=False)
+    return _run(
+        field,
+        x0,
+        v0,
+        times,
+        charge,
+        rL,
+        solver,
+        dt,
+        rtol,
+        atol,
+        dtype,
+        max_steps,
+        b_ref,
+        adjoint,
+        backward=False,
+    )
 
 
-def _run(field, x0, v0, times, charge, rL, solver, dt, rtol, atol, dtype, max_steps, b_ref,
-         adjoint, *, backward):
+def _run(
+    field,
+    x0,
+    v0,
+    times,
+    charge,
+    rL,
+    solver,
+    dt,
+    rtol,
+    atol,
+    dtype,
+    max_steps,
+    b_ref,
+    adjoint,
+    *,
+    backward,
+):
     times, grid, dt, plan = _prepare(times, rL, dt, solver, max_steps, dtype, adjoint)
     b_ref = _b_ref(field, b_ref)
     traj = _propagate_jit(
@@ -376,8 +408,23 @@ def backtrack(
     p = jnp.asarray(directions, dtype)
     _check_vectors("directions", p)
     p = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
-    return _run(field, jnp.zeros_like(p), -p, times, -1.0, rL, solver, dt, rtol, atol, dtype,
-                max_steps, b_ref, adjoint, backward=True)
+    return _run(
+        field,
+        jnp.zeros_like(p),
+        -p,
+        times,
+        -1.0,
+        rL,
+        solver,
+        dt,
+        rtol,
+        atol,
+        dtype,
+        max_steps,
+        b_ref,
+        adjoint,
+        backward=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +433,22 @@ def backtrack(
 
 @functools.partial(jax.jit, static_argnames=("plan", "reducer", "dtype", "realise"))
 def _ensemble_chunk(
-    params, key, indices, p, times, grid, rL, b_ref, rtol, atol, dt0, *, plan, reducer, dtype, realise
+    params,
+    key,
+    indices,
+    p,
+    times,
+    grid,
+    rL,
+    b_ref,
+    rtol,
+    atol,
+    dt0,
+    *,
+    plan,
+    reducer,
+    dtype,
+    realise,
 ):
     def one(index):
         field = _cast(realise(jax.random.fold_in(key, index), params), dtype)
@@ -476,8 +538,9 @@ def run_ensemble(
     check_int_at_least("chunk_size", chunk_size, 1)
     check_int_at_least("start", start, 0)
     if start >= n_realisations:
-        raise ValueError(f"start must be in [0, n_realisations - 1] = [0, {n_realisations - 1}]; "
-                         f"got {start}")
+        raise ValueError(
+            f"start must be in [0, n_realisations - 1] = [0, {n_realisations - 1}]; got {start}"
+        )
     dtype = _float_dtype(dtype)
     if isinstance(directions, (int, np.integer)) and not isinstance(directions, bool):
         directions = healpix_directions(int(directions))

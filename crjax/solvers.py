@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
-__all__ = ["LorentzTerm", "Boris", "boris_push", "cross"]
+__all__ = ["Boris", "LorentzTerm", "boris_push", "cross"]
 
 
 def cross(a: Float[Array, "... 3"], b: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
@@ -115,11 +115,12 @@ class Boris(diffrax.AbstractSolver):
             return boris_push(lorentz.field, lorentz.coupling, h, y)
 
         y1 = jax.lax.fori_loop(0, self.substeps, push, y0) if self.substeps > 1 else push(0, y0)
-        return y1, None, dict(y0=y0, y1=y1), None, diffrax.RESULTS.successful
+        return y1, None, {"y0": y0, "y1": y1}, None, diffrax.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
 
 
-Boris.__init__.__doc__ = """**Arguments:** `substeps` (static int >= 1): Boris pushes per diffrax step."""
-
+Boris.__init__.__doc__ = (
+    """**Arguments:** `substeps` (static int >= 1): Boris pushes per diffrax step."""
+)

@@ -18,12 +18,12 @@ from jaxtyping import Array, Float
 from ._checks import check_positive
 
 __all__ = [
-    "second_moments",
     "diffusion_tensor",
     "diffusion_tensor_from_moments",
-    "parallel_perpendicular",
-    "mean_free_path",
     "lyapunov_exponent",
+    "mean_free_path",
+    "parallel_perpendicular",
+    "second_moments",
 ]
 
 
@@ -113,8 +113,8 @@ def diffusion_tensor_from_moments(
 
 
 def parallel_perpendicular(
-    K: Float[Array, "... 3 3"], b0_direction: Float[Array, "3"]
-) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+    K: Float[Array, "... 3 3"], b0_direction: Float[Array, 3]
+) -> tuple[Float[Array, ...], Float[Array, ...]]:
     """K_∥ = b̂·K·b̂ and K_⊥ = (tr K − K_∥)/2 for the regular-field direction b̂ (normalised here).
 
     Works on any leading axes of K (..., 3, 3) (e.g. times, realisations). For errors, apply it to
@@ -133,7 +133,7 @@ def parallel_perpendicular(
     return k_par, k_perp
 
 
-def mean_free_path(K: Float[Array, "..."], v: float = 1.0) -> Float[Array, "..."]:
+def mean_free_path(K: Float[Array, ...], v: float = 1.0) -> Float[Array, ...]:
     """λ = 3K/v (physics.md §1), units of Lc for K in Lc·c."""
     return 3.0 * jnp.asarray(K) / v
 
@@ -179,4 +179,3 @@ def lyapunov_exponent(
     d0 = rL * delta  # initial separation in the same metric
     t = jnp.asarray(both.times)
     return jnp.mean(jnp.log(sep / d0), axis=-1) / t
-

@@ -62,7 +62,9 @@ def _helix(p, times, rL, phase):
     pos_perp = w0[None] * (e - 1) * rL / 1j
     vel_perp = w0[None] * e
     pos = np.stack([pos_perp.real, pos_perp.imag, -p[None, :, 2] * times[:, None]], -1)
-    vel = -np.stack([vel_perp.real, vel_perp.imag, -np.broadcast_to(p[None, :, 2], vel_perp.shape)], -1)
+    vel = -np.stack(
+        [vel_perp.real, vel_perp.imag, -np.broadcast_to(p[None, :, 2], vel_perp.shape)], -1
+    )
     return pos, vel
 
 
@@ -122,7 +124,7 @@ def test_adaptive_rk_matches_helix(dirs, b0_rk):
 
 @pytest.mark.slow
 def test_dopri8_matches_helix(dirs, b0_only):
-    pos, vel = _helix(np.asarray(dirs), TIMES, RL, TIMES / RL)
+    pos, _vel = _helix(np.asarray(dirs), TIMES, RL, TIMES / RL)
     tr = backtrack(b0_only, dirs, TIMES, rL=RL, solver="dopri8", rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(tr.positions, pos, rtol=0, atol=1e-8)
 
@@ -192,8 +194,16 @@ def test_boris_speed_and_reversibility(dirs, turb):
 
 def test_rk_reversibility(dirs, turb):
     tr = backtrack(turb, dirs, TIMES, rL=RL, solver="tsit5", rtol=1e-10, atol=1e-12)
-    fwd = propagate(turb, tr.positions[-1], tr.velocities[-1], TIMES, rL=RL, solver="tsit5",
-                    rtol=1e-10, atol=1e-12)
+    fwd = propagate(
+        turb,
+        tr.positions[-1],
+        tr.velocities[-1],
+        TIMES,
+        rL=RL,
+        solver="tsit5",
+        rtol=1e-10,
+        atol=1e-12,
+    )
     # rtol 1e-10 per step, ~1000 steps each way, chaos over tΩ = 10 (e^{λT} ≲ 1e3): 1e-5
     np.testing.assert_allclose(fwd.positions[-1], 0.0, atol=1e-5)
     np.testing.assert_allclose(fwd.velocities[-1], dirs, atol=1e-5)
@@ -228,22 +238,22 @@ def test_no_recompile_same_shapes(dirs, turb):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rL=0.0), "rL"),
-        (dict(rL=-1.0), "rL"),
-        (dict(rL=0.1, dt=0.0), "dt"),
-        (dict(rL=0.1, times=[]), "times"),
-        (dict(rL=0.1, times=[0.2, 0.1]), "times"),
-        (dict(rL=0.1, times=[0.0, 0.1]), "times"),
-        (dict(rL=0.1, directions=np.ones((4, 2))), "directions"),
-        (dict(rL=0.1, solver="euler"), "solver"),
-        (dict(rL=0.1, dtype=jnp.int32), "dtype"),
-        (dict(rL=0.1, solver="tsit5", max_steps=0), "max_steps"),
-        (dict(rL=0.1, max_steps=3), "max_steps"),
-        (dict(rL=0.1, directions=0), "nside"),
+        ({"rL": 0.0}, "rL"),
+        ({"rL": -1.0}, "rL"),
+        ({"rL": 0.1, "dt": 0.0}, "dt"),
+        ({"rL": 0.1, "times": []}, "times"),
+        ({"rL": 0.1, "times": [0.2, 0.1]}, "times"),
+        ({"rL": 0.1, "times": [0.0, 0.1]}, "times"),
+        ({"rL": 0.1, "directions": np.ones((4, 2))}, "directions"),
+        ({"rL": 0.1, "solver": "euler"}, "solver"),
+        ({"rL": 0.1, "dtype": jnp.int32}, "dtype"),
+        ({"rL": 0.1, "solver": "tsit5", "max_steps": 0}, "max_steps"),
+        ({"rL": 0.1, "max_steps": 3}, "max_steps"),
+        ({"rL": 0.1, "directions": 0}, "nside"),
     ],
 )
 def test_bad_input(kwargs, match):
-    args = dict(directions=np.eye(3), times=[0.1])
+    args = {"directions": np.eye(3), "times": [0.1]}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         backtrack(uniform_field(), args.pop("directions"), args.pop("times"), **args)
@@ -269,8 +279,16 @@ def test_run_ensemble_chunking_and_resume(key, dirs):
     # 64 modes and 48 directions: the direct backtracks below reuse the module's compiled code
     params = FieldParams(n_modes=64)
     seen = []
-    full = run_ensemble(params, key, 4, dirs, TIMES, rL=RL, chunk_size=2,
-                        on_chunk=lambda i, r: seen.append((i, r.positions.shape[0])))
+    full = run_ensemble(
+        params,
+        key,
+        4,
+        dirs,
+        TIMES,
+        rL=RL,
+        chunk_size=2,
+        on_chunk=lambda i, r: seen.append((i, r.positions.shape[0])),
+    )
     assert seen == [(0, 2), (2, 2)]
     # Without a reducer: stacked Trajectories with a leading realisation axis.
     assert isinstance(full, Trajectory) and full.positions.shape == (4, 3, 48, 3)
@@ -309,8 +327,9 @@ def _short_observable(sigma2, rL, bdir, adjoint=None):
     params = FieldParams(sigma2=sigma2, b0_direction=bdir, n_modes=16)
     field = realise_field(jax.random.PRNGKey(1), params)
     # times and dt concrete (they fix the step count) so that rL can be traced; 20 pushes.
-    tr = backtrack(field, crjax.healpix_directions(1), np.array([0.1]), rL=rL, dt=0.005,
-                   adjoint=adjoint)
+    tr = backtrack(
+        field, crjax.healpix_directions(1), np.array([0.1]), rL=rL, dt=0.005, adjoint=adjoint
+    )
     return jnp.mean(jnp.sum(tr.positions**2, axis=-1))
 
 
@@ -354,11 +373,14 @@ def test_boris_and_rk_agree_statistically(key):
     params = FieldParams()
     dirs = crjax.healpix_directions(4)
     times = np.array([2.0, 5.0])  # tΩ = 20, 50
-    red = lambda tr: jnp.einsum("rtni,rtnj->rtij", tr.positions, tr.positions) / 192  # noqa: E731
+    red = lambda tr: jnp.einsum("rtni,rtnj->rtij", tr.positions, tr.positions) / 192
     out = {}
     for solver in ("boris", "tsit5"):
-        m = np.asarray(run_ensemble(params, key, 8, dirs, times, rL=RL, chunk_size=4,
-                                    reducer=red, solver=solver))
+        m = np.asarray(
+            run_ensemble(
+                params, key, 8, dirs, times, rL=RL, chunk_size=4, reducer=red, solver=solver
+            )
+        )
         out[solver] = np.stack(parallel_perpendicular(m / (2 * times[:, None, None]), [0, 0, 1]))
     # Same realisations: compare the paired per-realisation differences with their spread.
     d = out["boris"] - out["tsit5"]  # (2, nreal, ntimes)
@@ -366,7 +388,7 @@ def test_boris_and_rk_agree_statistically(key):
     ref = out["tsit5"].mean(1)
     print("K_par, K_perp (tsit5):", ref, "\nBoris - tsit5:", mean, "+-", se)
     assert np.all(np.abs(mean) < 3 * se + 0.02 * np.abs(ref))
-    K, err = diffusion_tensor_from_moments(m, times)
+    _K, err = diffusion_tensor_from_moments(m, times)
     assert np.all(np.isfinite(err))
 
 
@@ -387,12 +409,24 @@ def test_slab_quasilinear_pitch_angle_diffusion(key):
     params = FieldParams(sigma2=sigma2, lmin=lmin, lmax=lmax, geometry="slab", n_modes=1024)
     mus = np.array([0.3, 0.5, 0.7])
     phi = np.linspace(0, 2 * np.pi, 32, endpoint=False)  # gyro-phases on each ring of fixed μ
-    p = np.concatenate([np.stack([np.sqrt(1 - m**2) * np.cos(phi), np.sqrt(1 - m**2) * np.sin(phi),
-                                  np.full_like(phi, m)], -1) for m in mus])
+    p = np.concatenate(
+        [
+            np.stack(
+                [
+                    np.sqrt(1 - m**2) * np.cos(phi),
+                    np.sqrt(1 - m**2) * np.sin(phi),
+                    np.full_like(phi, m),
+                ],
+                -1,
+            )
+            for m in mus
+        ]
+    )
     times = np.array([5.0, 10.0])  # tΩ = 50, 100
     n_real = 64
-    mu_t = run_ensemble(params, key, n_real, p, times, rL=rL, chunk_size=8,
-                        reducer=lambda tr: tr.velocities[..., 2])  # (nreal, ntimes, npix)
+    mu_t = run_ensemble(
+        params, key, n_real, p, times, rL=rL, chunk_size=8, reducer=lambda tr: tr.velocities[..., 2]
+    )  # (nreal, ntimes, npix)
     mu_t = np.asarray(mu_t).reshape(n_real, len(times), len(mus), len(phi))
     per_real = ((mu_t - mus[None, None, :, None]) ** 2).mean(3) / (2 * times[None, :, None])
     d_sim = per_real.mean(0)  # (ntimes, nmu)
@@ -402,13 +436,23 @@ def test_slab_quasilinear_pitch_angle_diffusion(key):
     # QLT: D = π Ω² (1−μ²) P(k_res)/(B0² |μ|), P per transverse component, two-sided, with
     # ∫P dk = σ²/2 over −∞..∞. G_n = k³/(1+k^γ) on log-spaced k means E(k) ∝ k²/(1+k^γ) (one-
     # sided, on [2π/λmax, 2π/λmin]), so P(k) = (σ²/2)·E(|k|)/(2∫E dk).
-    E = lambda k: k**2 / (1 + k ** (11 / 3))  # noqa: E731
+    E = lambda k: k**2 / (1 + k ** (11 / 3))
     norm = quad(E, 2 * np.pi / lmax, 2 * np.pi / lmin, limit=500)[0]
     omega = 1 / rL
     P = 0.5 * sigma2 * E(omega / mus) / (2 * norm)
     d_qlt = np.pi * omega**2 * (1 - mus**2) * P / mus
     ratio, ratio_err = d_sim[-1] / d_qlt, d_err[-1] / d_qlt
-    print("mu:", mus, "\nD_sim (tΩ=50, 100):", d_sim, "\nD_QLT:", d_qlt,
-          "\nratio at tΩ=100:", ratio, "+-", ratio_err)
+    print(
+        "mu:",
+        mus,
+        "\nD_sim (tΩ=50, 100):",
+        d_sim,
+        "\nD_QLT:",
+        d_qlt,
+        "\nratio at tΩ=100:",
+        ratio,
+        "+-",
+        ratio_err,
+    )
     # QLT within 10% (physics.md §7), beyond the statistical error of 64 realisations (2σ).
     assert np.all(np.abs(ratio - 1) < 0.10 + 2 * ratio_err)

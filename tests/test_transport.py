@@ -63,8 +63,9 @@ def test_diffusion_tensor_single_realisation_error_over_directions():
     r = _gaussian_positions(2, (len(TIMES), npix))
     K, err = (np.asarray(x) for x in diffusion_tensor(r, TIMES))
     # directions independent here, so the direction standard error is the true one
-    np.testing.assert_allclose(err, np.broadcast_to(_isserlis_sd() / np.sqrt(npix), err.shape),
-                               rtol=0.1)
+    np.testing.assert_allclose(
+        err, np.broadcast_to(_isserlis_sd() / np.sqrt(npix), err.shape), rtol=0.1
+    )
     assert np.all(np.abs(K - C) < 4 * err)
 
 
@@ -133,18 +134,32 @@ def test_seed_parameters_diffusion(key):
     t_omega = np.array([50.0, 100.0, 200.0])
     times = t_omega * rL
     dirs = crjax.healpix_directions(4)
-    moments = np.asarray(run_ensemble(FieldParams(), key, 16, dirs, times, rL=rL, chunk_size=4,
-                                      reducer=lambda tr: second_moments(tr.positions)))
+    moments = np.asarray(
+        run_ensemble(
+            FieldParams(),
+            key,
+            16,
+            dirs,
+            times,
+            rL=rL,
+            chunk_size=4,
+            reducer=lambda tr: second_moments(tr.positions),
+        )
+    )
     K, err = diffusion_tensor_from_moments(moments, times)
     kp, kq = (np.asarray(x) for x in parallel_perpendicular(K, [0, 0, 1]))
-    per_real = [np.asarray(x) for x in parallel_perpendicular(moments / (2 * times[:, None, None]),
-                                                             [0, 0, 1])]
+    per_real = [
+        np.asarray(x)
+        for x in parallel_perpendicular(moments / (2 * times[:, None, None]), [0, 0, 1])
+    ]
     kp_err, kq_err = (x.std(0, ddof=1) / np.sqrt(x.shape[0]) for x in per_real)
     lam = 3 * kp[-1]
     classical = kp[-1] / (1 + (lam / rL) ** 2)
     print(f"tΩ={t_omega}: K_par={kp} ± {kp_err}, K_perp={kq} ± {kq_err}")
-    print(f"λ_par = {lam:.3f} Lc, K_perp/K_par = {kq[-1] / kp[-1]:.4f}, "
-          f"classical K_perp = {classical:.2e} (ratio {kq[-1] / classical:.2f})")
+    print(
+        f"λ_par = {lam:.3f} Lc, K_perp/K_par = {kq[-1] / kp[-1]:.4f}, "
+        f"classical K_perp = {classical:.2e} (ratio {kq[-1] / classical:.2f})"
+    )
     assert 0.5 < lam < 5.0
     assert kq[-1] / kp[-1] < 0.2
     assert 1 / 30 < kq[-1] / classical < 30
