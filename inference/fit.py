@@ -42,6 +42,9 @@ u = (logit p, ln(A/s), N/s) (s: the data scale max|x̂|, so all are O(1)), and r
 (inverse-Hessian, ``jax.hessian``) covariance transformed back with the Jacobian. ``fit_p_nuts`` samples
 the posterior with numpyro NUTS under ``Priors`` (documented there) and reports 68% credible intervals,
 split R-hat and ESS (``numpyro.diagnostics``) and a posterior predictive p-value.
+``fit_p_map`` is plain maximum likelihood (flat priors); a free N is unconstrained there (it may come
+out slightly negative when the data need no offset), while NUTS gives it a HalfNormal prior (N ≥ 0):
+compare the two where N is clearly positive.
 """
 
 from __future__ import annotations
