@@ -5,13 +5,15 @@
     crjax plot --run run1                              # figures of a finished run
     crjax fit ...                                      # fit p to a spectrum file (inference.cli)
 
-Runs resume by default: the same command continues an interrupted run in the same ``--out``;
-changed parameters are an error naming them (``--no-resume`` refuses to touch an existing run).
+Runs resume by default: the same command continues an interrupted run (Ctrl-C or kill -9 stop at
+once and lose at most the chunk in flight) in the same ``--out``; changed parameters are an error
+naming them (``--no-resume`` refuses to touch an existing run).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +122,11 @@ def _fit(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the console script, not a library call
+        # Ctrl-C must stop at once: a Python KeyboardInterrupt would wait for the running XLA
+        # computation (a whole chunk: ~20 min for `paper` on CPU). Stopping like kill -9 is safe:
+        # chunks are written atomically and the same command resumes.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "fit":  # its options belong to inference.cli
         return _fit(argv[1:])
@@ -140,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad input / mismatched resume: one clear line, no traceback
         print(f"crjax {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # finished chunks are on disk; the chunk in flight is lost
+    except KeyboardInterrupt:  # library use (main(argv)): finished chunks are on disk
         print(f"\ncrjax {args.command}: interrupted; run the same command again to resume",
               file=sys.stderr)
         return 130
