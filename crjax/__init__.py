@@ -2,18 +2,59 @@
 TeV cosmic rays (relative diffusion; Ahlers & Mertsch 2015, the "seed" paper).
 
 Importing crjax enables float64 in JAX (``jax_enable_x64``): float64 is the default precision;
-float32 is an explicit ``dtype`` option wherever it is offered.
+float32 is an explicit ``dtype`` option wherever it is offered. ``crjax.use_cpu_cores()`` (called
+by the ``crjax`` CLI) exposes each CPU core as a JAX device so that the engine uses all of them.
+
+Note: ``crjax.backtrack`` is the function; its module is ``crjax.backtrack`` in ``sys.modules``
+(``from crjax.backtrack import run_ensemble`` works as usual).
 """
 
 import jax as _jax
 
 _jax.config.update("jax_enable_x64", True)
 
+from ._runtime import use_cpu_cores  # noqa: E402
 from .sky import healpix_directions, npix_to_nside  # noqa: E402
-from .field import FieldParams, TurbulentField, realise_field, uniform_field  # noqa: E402
+from .field import (  # noqa: E402
+    BendOverSpectrum,
+    FieldParams,
+    KolmogorovSpectrum,
+    TurbulentField,
+    realise_field,
+    uniform_field,
+)
 from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E402
 from .backtrack import Trajectory, backtrack, propagate, run_ensemble  # noqa: E402
+from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
 from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BendOverSpectrum",
+    "FieldParams",
+    "KolmogorovSpectrum",
+    "Trajectory",
+    "TurbulentField",
+    "backtrack",
+    "bgk_amplitude",
+    "bgk_spectrum",
+    "diffusion_dipole",
+    "diffusion_tensor",
+    "healpix_directions",
+    "noise_level",
+    "npix_to_nside",
+    "parallel_perpendicular",
+    "power_spectrum",
+    "presets",
+    "propagate",
+    "realise_field",
+    "relative_intensity",
+    "reproduce",
+    "results",
+    "run_ensemble",
+    "spectrum_from_nu",
+    "uniform_field",
+    "use_cpu_cores",
+]

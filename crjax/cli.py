@@ -13,6 +13,7 @@ naming them (``--no-resume`` refuses to touch an existing run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -131,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "fit":  # its options belong to inference.cli
         return _fit(argv[1:])
     args = build_parser().parse_args(argv)
+    from . import use_cpu_cores
+
+    # one JAX CPU device per core: the engine runs one integration loop per core. JAX may already
+    # be running when main() is called as a library function (tests, notebooks): then keep its
+    # devices (results do not depend on the count).
+    with contextlib.suppress(RuntimeError):
+        use_cpu_cores()
     from . import reproduce as rp
 
     try:

@@ -219,7 +219,6 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
     ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``, ``spectra``
     (``inference.data.Spectrum`` of Ĉ_ℓ at the last time, ∥ and ⊥) to spectrum text files."""
     from . import transport
-    from .theory import bgk_spectrum
 
     g_par, g_perp = gradient_directions(preset)
     times, t_omega = preset.times, np.asarray(preset.t_omega)

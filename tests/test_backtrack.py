@@ -222,6 +222,65 @@ def test_float32_option(dirs, turb):
 
 
 # --------------------------------------------------------------------------------------------
+# particles split over devices (conftest exposes 2 CPU devices; the default uses both)
+
+
+def test_two_devices_in_the_suite():
+    # the device-split tests below would silently compare a path with itself otherwise
+    assert jax.local_device_count() == 2
+
+
+@pytest.mark.parametrize("n", [48, 7])  # even split, and padding with copies of particle 0
+def test_device_split_matches_one_device(dirs, turb, n):
+    p = dirs[:n]
+    one = backtrack(turb, p, TIMES, rL=RL, devices=1)
+    two = backtrack(turb, p, TIMES, rL=RL, devices=2)
+    assert two.positions.shape == (TIMES.size, n, 3) and two.num_steps.shape == (n,)
+    # the same per-particle arithmetic on either device: equal to round-off (observed: bitwise)
+    np.testing.assert_allclose(two.positions, one.positions, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(two.velocities, one.velocities, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(two.num_steps, one.num_steps)
+
+
+def test_device_split_adaptive(turb):
+    # Adaptive steps are chosen per particle, so the split cannot change them.
+    p = crjax.healpix_directions(1)[:5]
+    one, two = (
+        backtrack(turb, p, np.array([0.05]), rL=RL, solver="tsit5", devices=d) for d in (1, 2)
+    )
+    np.testing.assert_array_equal(two.num_steps, one.num_steps)
+    np.testing.assert_allclose(two.positions, one.positions, rtol=0, atol=1e-13)
+
+
+def _split_observable(field, rL, devices):
+    tr = backtrack(
+        field, crjax.healpix_directions(1)[:5], np.array([0.05]), rL=rL, dt=RL / 20,
+        devices=devices,
+    )
+    return jnp.sum(tr.positions[-1] ** 2 * jnp.arange(1.0, 6.0)[:, None])
+
+
+def test_device_split_reverse_mode_gradients(turb):
+    # (Forward mode through the split is test_gradients_forward_mode: the default uses 2 devices.)
+    # Cotangents of the (replicated) field must be summed over the devices' particles: a missing
+    # sum would drop one device's share.
+    g1, g2 = (eqx.filter_grad(_split_observable)(turb, RL, n) for n in (1, 2))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_devices_bad_input(dirs, turb):
+    with pytest.raises(ValueError, match=r"devices must be in \[1, 2\]"):
+        backtrack(turb, dirs, TIMES, rL=RL, devices=3)
+    with pytest.raises(ValueError, match="devices"):
+        backtrack(turb, dirs, TIMES, rL=RL, devices=0)
+    # JAX has started with 2 CPU devices: asking for another count now is a clear error
+    assert crjax.use_cpu_cores(2) == 2
+    with pytest.raises(RuntimeError, match="before JAX runs"):
+        crjax.use_cpu_cores(3)
+
+
+# --------------------------------------------------------------------------------------------
 # API: compile cache, bad input
 
 
