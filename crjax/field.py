@@ -11,15 +11,14 @@ Units: Lc = 1, |B0| = 1 unless set otherwise (``shared/physics.md`` §1–2).
 realisation, a pytree of arrays). Every float is a pytree leaf: gradients flow from the amplitudes
 and directions back to σ², Lc, γ (or s, q), λmin, λmax, B0 and the B0 direction; the random draws
 depend only on the key. ``TurbulentField.__call__`` is the hot loop of crjax; by default it uses a
-range-reduced polynomial cosine (``_fast_cos``, ≲ 4e-16 in fp64, ≲ 2.4e-7 in fp32 for
-|arg| ≤ 1e5), ~15x (fp64) faster than XLA:CPU's ``jnp.cos``; ``exact_cos=True`` selects ``jnp.cos``.
+range-reduced polynomial cosine of phase/π (``_fast_cospi``, ≲ 2 ulp of 1 in fp64 and fp32), ~8x
+(fp64) faster than XLA:CPU's ``jnp.cos``; ``exact_cos=True`` selects ``jnp.cos``.
 """
 
 from __future__ import annotations
 
 import abc
 import functools
-from fractions import Fraction
 
 import equinox as eqx
 import jax
@@ -186,88 +185,72 @@ def paper_2015_field(n_modes: int = 256) -> FieldParams:
 
 
 # --------------------------------------------------------------------------------------------
-# Fast cosine: Cody–Waite reduction by π + one even polynomial on [−π/2, π/2]
+# Fast cosine: cos(πu) by exact reduction to |f| ≤ 1/2 and one even polynomial
 # --------------------------------------------------------------------------------------------
-# x = jπ + r, |r| ≤ π/2: cos x = (−1)^j cos r, sin x = (−1)^j sin r. Reducing by π (not π/2)
-# needs a longer polynomial but no quadrant selection: one polynomial per function, and the
-# sign is a float expression of j. Measured on XLA:CPU (AVX2) ~1.7x faster than the
-# π/2-reduction + Cephes sin/cos pair with jnp.where quadrant selection, and ~15x faster than
-# jnp.cos in fp64 (benchmarks/field.py).
-_PI = Fraction("3.14159265358979323846264338327950288419716939937510582097494459230781640629")
+# The fast cosine works on u = phase/π (the field pre-scales k and β by 1/π): u = j + f with
+# j = round(u) and f = u − j exact (no Cody–Waite constants), cos(πu) = (−1)^j cos(πf) with one
+# polynomial in f² on |f| ≤ 1/2, and (−1)^j applied by moving j's parity bit into the sign bit
+# (t = j + 1.5·2^52 holds j in its low mantissa bits). Scaling by 1/π rounds the argument once,
+# which is the same order as the rounding of k·x itself (|phase|·eps), so B(x) is as accurate as
+# with cos(k·x + β); the polynomial is ≲ 2 ulp of 1. Measured ~1.2x faster per Boris push (fp64)
+# than Cody–Waite reduction by π with a float sign, and ~8x faster than jnp.cos on XLA:CPU
+# (benchmarks/field.py, benchmarks/engine.py).
+_PI = 3.141592653589793
+_ONE_OVER_PI = 0.318309886183790671537767526745028724
 
-
-def _split(value: Fraction, bits: tuple[int, ...], np_dtype) -> tuple[float, ...]:
-    """Split ``value`` into len(bits)+1 floats: chunk i has bits[i] significant bits (so j·chunk is
-    exact for integers j < 2^(mantissa − bits[i])), the last chunk is the rounded remainder."""
-    chunks = []
-    rest = value
-    for b in bits:
-        exp = int(np.floor(np.log2(float(rest))))
-        scale = Fraction(2) ** (exp - b + 1)
-        c = Fraction(int(rest / scale)) * scale  # truncate to b significant bits
-        chunks.append(c)
-        rest = rest - c
-    chunks.append(rest)
-    out = tuple(float(np_dtype(float(c))) for c in chunks)
-    assert all(Fraction(o) == c for o, c in zip(out[:-1], chunks[:-1]))  # leading chunks exact
-    return out
-
-
-# Reduction constants per dtype. fp64: j·P1 exact for |j| < 2^20 (|x| ≲ 3e6); the truncation error
-# j·(π − P1 − P2) ~ 2^20·2^-86 is negligible. fp32: three 8-bit chunks keep j·P_i exact for
-# |j| < 2^16 (|x| ≲ 2e5); two chunks would leave j·2^-32 ≈ 1e-5 of truncation error. Beyond these
-# ranges the result degrades gradually (the products are no longer exact); measured max errors:
-# fp64 3e-16 up to |x| = 1e8; fp32 2.2e-7 up to 1e6, 1.2e-5 at 1e7 (tests/test_field.py).
-_PI_PARTS = {
-    np.dtype(np.float64): _split(_PI, (33,), np.float64),
-    np.dtype(np.float32): _split(_PI, (8, 8, 8), np.float32),
-}
-# Polynomials in z = r² on [0, (π/2)²], highest power first: cos r ≈ C(z), sin r ≈ r·S(z).
-# Generated with mpmath.chebyfit (50 digits) of cos(√z) and sin(√z)/√z, rounded to the dtype;
-# fit errors: fp64 3.9e-18 (cos, 9 terms), 2e-19 (sin); fp32 2.2e-10 (cos, 6 terms: with 5,
-# the fit's 4.7e-8 plus rounding exceeded 2 ulp of 1), 7e-9 (sin, 5 terms).
+# Polynomials in z = f² on [0, 1/4], highest power first: cos(πf) ≈ C(z), sin(πf) ≈ f·S(z).
+# mpmath.chebyfit (50 digits) of cos(π√z) and sin(π√z)/√z, rounded to the dtype; fewer terms
+# exceed 2 ulp. Max error of _fast_cospi/_fast_sinpi through XLA:CPU (400k points, long-double
+# reference): fp64 1.17 (cos, 9 terms) and 1.00 (sin, 9) ulp of 1; fp32 0.89 (cos, 6) and
+# 1.30 (sin, 5) ulp.
 _COS_C = {
     np.dtype(np.float64): (
-        4.608977003001797e-14,
-        -1.1462901901757276e-11,
-        2.0876561839933163e-09,
-        -2.755731639102575e-07,
-        2.4801587277414926e-05,
-        -0.001388888888877299,
-        0.04166666666666388,
-        -0.4999999999999997,
+        4.149564353942586e-06,
+        -0.00010456655338748738,
+        0.0019295562724817132,
+        -0.025806888737002202,
+        0.23533063012953284,
+        -1.335262768843447,
+        4.058712126416497,
+        -4.934802200544676,
         1.0,
     ),
     np.dtype(np.float32): (
-        -2.6050656742881984e-07,
-        2.4760109226917848e-05,
-        -0.0013888360699638724,
-        0.04166663438081741,
-        -0.5,
+        -0.024395931512117386,
+        0.23493707180023193,
+        -1.335211992263794,
+        4.058709144592285,
+        -4.934802055358887,
         1.0,
     ),
 }
 _SIN_C = {
     np.dtype(np.float64): (
-        2.7215749422983443e-15,
-        -7.643026557971632e-13,
-        1.605894087848656e-10,
-        -2.505210689056952e-08,
-        2.7557319211229606e-06,
-        -0.00019841269841208676,
-        0.008333333333333186,
-        -0.16666666666666666,
-        1.0,
+        7.697826768224191e-07,
+        -2.1903497074626018e-05,
+        0.0004662998161898394,
+        -0.007370430505916944,
+        0.0821458865731029,
+        -0.5992645293189447,
+        2.5501640398773007,
+        -5.167712780049969,
+        3.141592653589793,
     ),
     np.dtype(np.float32): (
-        2.6051077384181553e-06,
-        -0.0001980901724891737,
-        0.008333049714565277,
-        -0.16666658222675323,
-        1.0,
+        0.07765591144561768,
+        -0.5982903838157654,
+        2.550077438354492,
+        -5.167710304260254,
+        3.1415927410125732,
     ),
 }
-_ONE_OVER_PI = 0.318309886183790671537767526745028724
+# t = j + 1.5·2^(mantissa bits): for |j| < 2^(mantissa bits − 1) the ulp of t is 1, so t's lowest
+# mantissa bit is j's parity. Limits: |u| < 2^51 (fp64), 2^22 (fp32) — far beyond |k·x|/π of any
+# run (k ≤ 2π/λmin, |x| ≲ 1e4 Lc).
+_PARITY = {
+    np.dtype(np.float64): (1.5 * 2.0**52, jnp.int64, 63),
+    np.dtype(np.float32): (1.5 * 2.0**23, jnp.int32, 31),
+}
 
 
 def _horner(z, coeffs):
@@ -277,53 +260,57 @@ def _horner(z, coeffs):
     return acc
 
 
-def _reduce(x):
-    """x = jπ + r with |r| ≤ π/2 (Cody–Waite); returns r and (−1)^j as floats of x's dtype."""
-    dt = np.dtype(x.dtype)
-    if dt not in _PI_PARTS:
+def _reduce(u):
+    """u = j + f, j = round(u), |f| ≤ 1/2 (exact); returns f and the sign-bit mask of (−1)^j."""
+    dt = np.dtype(u.dtype)
+    if dt not in _PARITY:
         raise ValueError(f"fast cosine supports float32 and float64; got dtype {dt}")
-    j = jnp.round(x * jnp.asarray(_ONE_OVER_PI, x.dtype))
-    r = x
-    for p in _PI_PARTS[dt]:
-        r = r - j * jnp.asarray(p, x.dtype)
-    h = 0.5 * j  # integer-valued j: h − floor(h) is 0 (even j) or 1/2 (odd j), exactly
-    sign = 1.0 - 4.0 * (h - jnp.floor(h))
-    return r, sign
+    magic, itype, shift = _PARITY[dt]
+    j = jnp.round(u)
+    # (j + magic) is not simplified away (unlike (u + magic) − magic, which XLA folds to u)
+    bits = jax.lax.bitcast_convert_type(j + jnp.asarray(magic, u.dtype), itype)
+    return u - j, jax.lax.shift_left(bits, jnp.asarray(shift, itype))
 
 
-def _cos_poly(x):
-    r, sign = _reduce(x)
-    return sign * _horner(r * r, _COS_C[np.dtype(x.dtype)])
+def _apply_sign(y, mask):
+    """y · (−1)^j: xor the parity bit (moved to the sign position) into y's sign bit."""
+    itype = mask.dtype
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(y, itype) ^ mask, y.dtype)
 
 
-def _sin_poly(x):
-    r, sign = _reduce(x)
-    return (sign * r) * _horner(r * r, _SIN_C[np.dtype(x.dtype)])
+def _cospi_poly(u):
+    f, mask = _reduce(u)
+    return _apply_sign(_horner(f * f, _COS_C[np.dtype(u.dtype)]), mask)
+
+
+def _sinpi_poly(u):
+    f, mask = _reduce(u)
+    return _apply_sign(f * _horner(f * f, _SIN_C[np.dtype(u.dtype)]), mask)
 
 
 @jax.custom_jvp
-def _fast_cos(x):
-    """cos x to ≲ 2 ulp of 1 for |x| ≤ 1e8 (fp64) / 1e6 (fp32); d/dx = −sin x (``_fast_sin``)."""
-    return _cos_poly(x)
+def _fast_cospi(u):
+    """cos(πu) to ≲ 2 ulp of 1 for |u| < 2^51 (fp64) / 2^22 (fp32); d/du = −π sin(πu)."""
+    return _cospi_poly(u)
 
 
 @jax.custom_jvp
-def _fast_sin(x):
-    """sin x to ≲ 2 ulp of 1 for |x| ≤ 1e8 (fp64) / 1e6 (fp32); d/dx = cos x (``_fast_cos``)."""
-    return _sin_poly(x)
+def _fast_sinpi(u):
+    """sin(πu) to ≲ 2 ulp of 1 for |u| < 2^51 (fp64) / 2^22 (fp32); d/du = π cos(πu)."""
+    return _sinpi_poly(u)
 
 
-@_fast_cos.defjvp
-def _fast_cos_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
+@_fast_cospi.defjvp
+def _fast_cospi_jvp(primals, tangents):
+    (u,), (t,) = primals, tangents
     # Tangents through the custom functions, so higher derivatives also use exact rules.
-    return _fast_cos(x), -_fast_sin(x) * t
+    return _fast_cospi(u), -_fast_sinpi(u) * (jnp.asarray(_PI, u.dtype) * t)
 
 
-@_fast_sin.defjvp
-def _fast_sin_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    return _fast_sin(x), _fast_cos(x) * t
+@_fast_sinpi.defjvp
+def _fast_sinpi_jvp(primals, tangents):
+    (u,), (t,) = primals, tangents
+    return _fast_sinpi(u), _fast_cospi(u) * (jnp.asarray(_PI, u.dtype) * t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,9 +321,9 @@ class TurbulentField(eqx.Module):
 
     b0: regular field vector B0 b̂0, shape (3,). wavevectors: k_n κ̂_n, shape (n, 3).
     amplitudes: A_n ξ̂_n, shape (n, 3). phases: β_n, shape (n,). exact_cos (static): use
-    ``jnp.cos`` instead of the faster range-reduced polynomial (agrees to ≲ 4e-16 fp64,
-    ≲ 2.4e-7 fp32 for |k·x| ≲ 1e5). block_size (static): positions per block in ``__call__``
-    (None: automatic).
+    ``jnp.cos`` instead of the faster polynomial in phase/π (per mode they agree to ≲ 2 ulp of 1
+    plus ~|k·x + β| ulp, the rounding of the argument that either path carries). block_size
+    (static): positions per block in ``__call__`` (None: automatic).
     """
 
     b0: Float[Array, "3"]
@@ -378,8 +365,11 @@ class TurbulentField(eqx.Module):
     def _modesum(self, x: Float[Array, "m 3"]) -> Float[Array, "m 3"]:
         # Matmul form: measured fastest on XLA:CPU among broadcast/reduce variants
         # (benchmarks/field.py).
-        phase = x @ self.wavevectors.T + self.phases[None, :]
-        c = jnp.cos(phase) if self.exact_cos else _fast_cos(phase)
+        if self.exact_cos:
+            c = jnp.cos(x @ self.wavevectors.T + self.phases[None, :])
+        else:  # the fast cosine takes phase/π: scale the (n_modes, 3) side, not the batch
+            inv_pi = jnp.asarray(_ONE_OVER_PI, x.dtype)
+            c = _fast_cospi(x @ (self.wavevectors * inv_pi).T + (self.phases * inv_pi)[None, :])
         return c @ self.amplitudes + self.b0[None, :]
 
 
