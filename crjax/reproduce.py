@@ -139,8 +139,8 @@ def simulate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=preset.n_realisations, unit="real", desc=f"crjax {preset.name}",
-                   dynamic_ncols=True)
+        bar = tqdm(total=preset.n_realisations, initial=store.n_done, unit="real",
+                   desc=f"crjax {preset.name}", dynamic_ncols=True)
     try:
         chunks = store.run(compute, progress=None if bar is None else bar.update)
     finally:

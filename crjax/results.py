@@ -268,6 +268,12 @@ class RunStore:
                 warnings.warn(f"ignoring unreadable or mismatched chunk file {f}", stacklevel=2)
         return done
 
+    @property
+    def n_done(self) -> int:
+        """Realisations in the chunks already on disk."""
+        done = set(self.completed_chunks())
+        return sum(b - a for i, (a, b) in enumerate(self.ranges) if i in done)
+
     def missing_chunks(self) -> list[int]:
         """Indices still to compute, in order."""
         done = set(self.completed_chunks())
@@ -306,15 +312,11 @@ class RunStore:
     ) -> dict[str, np.ndarray]:
         """Compute every missing chunk with ``compute_chunk(start, stop)`` and return all chunks.
 
-        ``progress(n)`` (e.g. a tqdm ``update``) is called with the number of realisations done,
-        once for the chunks already on disk and after every new chunk.
+        ``progress(n)`` (e.g. a tqdm ``update``) is called with the number of realisations of
+        every new chunk; those already on disk are ``n_done`` (a bar's ``initial``, so that its
+        rate and ETA count only the work of this session).
         """
-        missing = self.missing_chunks()
-        if progress is not None:
-            done = sum(b - a for i, (a, b) in enumerate(self.ranges) if i not in set(missing))
-            if done:
-                progress(done)
-        for i in missing:
+        for i in self.missing_chunks():
             start, stop = self.ranges[i]
             self.write_chunk(i, compute_chunk(start, stop))
             if progress is not None:

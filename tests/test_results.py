@@ -75,9 +75,11 @@ def test_resume_computes_only_missing_chunks(tmp_path):
 def test_progress_counts_every_realisation_once(tmp_path):
     store = RunStore.open(tmp_path, PARAMS)
     store.write_chunk(0, _compute(5)(0, 3))
+    assert store.n_done == 3  # on disk: a progress bar's initial count
     seen = []
     store.run(_compute(5), progress=seen.append)
-    assert seen == [3, 3, 1]
+    assert seen == [3, 1]  # the new chunks only (3 + 3 + 1 = 7 realisations)
+    assert store.n_done == 7
 
 
 def test_changed_params_name_the_keys(tmp_path):
