@@ -23,7 +23,7 @@ def use_cpu_cores(n: int | None = None) -> int:
 
     XLA:CPU runs one compiled loop on one device and spreads only single operations over the
     cores; ``backtrack`` splits its particles over the local devices, so on a CPU this is what
-    lets one integration run use every core (~1.3-1.5x at 2 cores, ``benchmarks/engine.py``).
+    lets one integration run use every core (measured 1.1-1.5x at 2 cores, benchmarks/engine.py).
     Must run before JAX executes anything (it sets ``jax_num_cpu_devices``); a count given by
     the user in ``XLA_FLAGS=--xla_force_host_platform_device_count=...`` is left alone. It does
     not change which device unsharded work runs on (the first). Returns the CPU device count
@@ -31,8 +31,10 @@ def use_cpu_cores(n: int | None = None) -> int:
     """
     n = _available_cores() if n is None else n
     check_int_at_least("n", n, 1)
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return int(os.environ["XLA_FLAGS"].split("xla_force_host_platform_device_count=")[1].split()[0])
+    flag = "xla_force_host_platform_device_count="
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag in flags:
+        return int(flags.split(flag)[1].split()[0])
     try:
         jax.config.update("jax_num_cpu_devices", int(n))
     except RuntimeError as err:
