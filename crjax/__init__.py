@@ -5,8 +5,9 @@ Importing crjax enables float64 in JAX (``jax_enable_x64``): float64 is the defa
 float32 is an explicit ``dtype`` option wherever it is offered. ``crjax.use_cpu_cores()`` (called
 by the ``crjax`` CLI) exposes each CPU core as a JAX device so that the engine uses all of them.
 
-Note: ``crjax.backtrack`` is the function; its module is ``crjax.backtrack`` in ``sys.modules``
-(``from crjax.backtrack import run_ensemble`` works as usual).
+The engine lives in ``crjax.engine`` (``Engine`` settings, the ``SOLVERS`` registry),
+``crjax.backtracking`` (``backtrack``, ``propagate``, ``Trajectory``), ``crjax.ensemble``
+(``run_ensemble``) and ``crjax.chaos`` (``lyapunov_exponent``).
 """
 
 import jax as _jax
@@ -24,7 +25,11 @@ from .field import (  # noqa: E402
     uniform_field,
 )
 from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E402
-from .backtrack import Trajectory, backtrack, propagate, run_ensemble  # noqa: E402
+from .solvers import Boris  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .backtracking import Trajectory, backtrack, propagate  # noqa: E402
+from .ensemble import run_ensemble  # noqa: E402
+from .chaos import lyapunov_exponent  # noqa: E402
 from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
 from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
@@ -33,6 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BendOverSpectrum",
+    "Boris",
+    "Engine",
     "FieldParams",
     "KolmogorovSpectrum",
     "Trajectory",
@@ -43,6 +50,7 @@ __all__ = [
     "diffusion_dipole",
     "diffusion_tensor",
     "healpix_directions",
+    "lyapunov_exponent",
     "noise_level",
     "npix_to_nside",
     "parallel_perpendicular",

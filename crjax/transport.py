@@ -9,9 +9,6 @@ K_∥ = b̂·K·b̂, K_⊥ = (tr K − K_∥)/2, mean free path λ = 3K/v. The r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -20,7 +17,6 @@ from ._checks import check_positive
 __all__ = [
     "diffusion_tensor",
     "diffusion_tensor_from_moments",
-    "lyapunov_exponent",
     "mean_free_path",
     "parallel_perpendicular",
     "second_moments",
@@ -137,45 +133,3 @@ def mean_free_path(K: Float[Array, ...], v: float = 1.0) -> Float[Array, ...]:
     """λ = 3K/v (physics.md §1), units of Lc for K in Lc·c."""
     return 3.0 * jnp.asarray(K) / v
 
-
-def lyapunov_exponent(
-    field: Callable,
-    directions: Float[Array, "npix 3"],
-    times: Float[Array, " ntimes"],
-    *,
-    rL: float,
-    delta: float = 1e-9,
-    key: jax.Array | None = None,
-    **backtrack_kwargs,
-) -> Float[Array, " ntimes"]:
-    """Finite-time Lyapunov exponent λ_L(T) = ⟨ln(|δr(T)|/δ)⟩/T (physics.md §8), units 1/(Lc/c).
-
-    Pairs of trajectories whose initial directions differ by a random perpendicular rotation of
-    angle ``delta`` are backtracked together; the phase-space separation
-    |δr| + |δp̂|·rL (lengths, rL converts the direction part) grows like e^{λ_L T} once chaotic, which
-    bounds the horizon of useful pathwise gradients (∂r/∂θ ~ e^{λ_L T}). Keep δ·e^{λ_L T} ≪ rL
-    (fp64) so the pair stays in the linear regime. Returns λ_L at each save time, averaged over
-    directions.
-    """
-    from .backtrack import backtrack
-
-    check_positive("delta", delta)
-    check_positive("rL", rL)
-    p = jnp.asarray(directions)
-    if p.ndim != 2 or p.shape[-1] != 3:
-        raise ValueError(f"directions must have shape (npix, 3); got shape {p.shape}")
-    p = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
-    key = jax.random.PRNGKey(0) if key is None else key
-    # A random direction perpendicular to each p̂: the perturbation.
-    u = jax.random.normal(key, p.shape, p.dtype)
-    u = u - jnp.sum(u * p, axis=-1, keepdims=True) * p
-    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
-    q = p * jnp.cos(delta) + u * jnp.sin(delta)
-    both = backtrack(field, jnp.concatenate([p, q]), times, rL=rL, **backtrack_kwargs)
-    n = p.shape[0]
-    dr = jnp.linalg.norm(both.positions[:, :n] - both.positions[:, n:], axis=-1)
-    dv = jnp.linalg.norm(both.velocities[:, :n] - both.velocities[:, n:], axis=-1)
-    sep = dr + rL * dv
-    d0 = rL * delta  # initial separation in the same metric
-    t = jnp.asarray(both.times)
-    return jnp.mean(jnp.log(sep / d0), axis=-1) / t
