@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from . import estimators, spectra, transport
+from . import estimators, spectra
 from .presets import Preset, get_preset
 from .results import RunStore, read_summary, to_jsonable
 
