@@ -16,6 +16,19 @@ over its own jackknife error), which is tighter than combining the two errors.
 
 Prints one table per gradient direction and ℓmax choice, then one JSON line with the ratios,
 errors and z values and the wall time.
+
+Measured (2026-12-02, defaults: 16 realisations, float32 engine, estimator in fp64, key 2015; 21 min
+on a shared, loaded 2-core CPU: nside 8/16/32 took 104/216/830 s), ℓmax = 2·nside:
+
+- nside 16 vs 32 agree for 2 ≤ ℓ ≤ 9 in both directions: |z| ≤ 1.4 (∥), ≤ 1.8 (⊥).
+- nside 8 vs 32: ⊥ agrees (|z| ≤ 1.7); ∥ does not: nside 8 is low at ℓ = 3 (z = −3.7) and
+  ℓ = 6, 7 (z = −2.3, −2.5), e.g. Ĉ_3/Ĉ_1 = 0.0148 ± 0.0057 vs 0.0277 ± 0.0060 at nside 32.
+- Ĉ_1 agrees at all nside (∥ 13.0 / 13.0 / 12.7 ± 2.4; ⊥ 0.35 / 0.36 / 0.37 ± 0.1).
+- The common ℓmax = 16 gives the same picture (ratios shift by < 2 % of their errors).
+
+So at the seed's parameters and tΩ = 200 the ℓ ≤ 9 shape is resolved from nside 16 on; nside 8
+(pixels of ~7°) biases the ∥ shape low at 3 ≤ ℓ ≤ 7. With 16 realisations the errors are
+20-50 % per ratio; more realisations would sharpen the nside 16 vs 32 comparison.
 """
 
 from __future__ import annotations

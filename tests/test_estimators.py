@@ -334,12 +334,12 @@ def test_seed_parameters_convergence():
         # N ∝ T g.K(T).g: slope 1 once K has converged. Measured 1.29 (par) / 0.93 (perp) over
         # tOmega 50..200: K_par is still rising there, so the band is wide.
         assert 0.7 < slope_n < 1.5
-        # <C_0> (was: slope in 0.4..1.6, measured 0.70 / 0.96). Its slope is not a sharp physics
-        # number before K and K~ converge, and 8 chi^2_1-like monopoles scatter it by ~0.2
-        # (jackknife, printed). What is sharp: (2.6) holds exactly in pixels, <C_0>/4pi =
+        # <C_0> (was: slope in 0.4..1.6, measured 0.62-0.70 / 0.96). The statistics do not allow
+        # any slope band: 8 chi^2_1-like monopoles give a jackknife error of ~0.5 on the slope
+        # (measured 0.54 for g || B0; printed), so 0.4..1.6 was narrower than 1 sigma either way
+        # and is dropped. What is sharp: (2.6) holds exactly in pixels, <C_0>/4pi =
         # 2T g.(K - K~).g, with C_0 from the harmonic transform and K, K~ from the positions by
         # separate code (crjax.transport); fp64 round-off of sums over 768 pixels: rtol 1e-9.
-        # And the centroid spreads: the slope is > 0 by 4 jackknife standard errors.
         np.testing.assert_allclose(
             c0 / (4 * np.pi), 2 * np.asarray(times) * np.einsum("tij,i,j->t", K - K_rel, g, g),
             rtol=1e-9,
@@ -349,7 +349,6 @@ def test_seed_parameters_convergence():
         reps = np.array([np.polyfit(np.log(tomega[1:]), np.log(x), 1)[0] for x in loo])
         sd = np.sqrt((nreal - 1) / nreal * np.sum((reps - reps.mean()) ** 2))
         lines.append(f"  slope(C0) jackknife error {sd:.2f}")
-        assert slope_c0 > 4 * sd
         # the dipole has levelled off while the noise keeps growing (tOmega 100 -> 200)
         assert n[4] / n[2] > 1.6 and chat[4, 1] / chat[2, 1] < 1.3
         # levelling off: between tOmega 100 and 200 C_hat_l (l = 1..9) changes by much less than

@@ -182,7 +182,7 @@ def test_seed_parameters_diffusion(key):
 
     rL = 0.1
     t_omega = np.array([50.0, 100.0, 200.0])
-    times = t_omega * rL
+    times = jnp.asarray(t_omega * rL)
     dirs = crjax.healpix_directions(4)
     moments = np.asarray(
         run_ensemble(
