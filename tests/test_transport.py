@@ -182,7 +182,7 @@ def test_seed_parameters_diffusion(key):
 
     rL = 0.1
     t_omega = np.array([50.0, 100.0, 200.0])
-    times = jnp.asarray(t_omega * rL)
+    times = t_omega * rL
     dirs = crjax.healpix_directions(4)
     moments = np.asarray(
         run_ensemble(
@@ -190,7 +190,7 @@ def test_seed_parameters_diffusion(key):
             key,
             16,
             dirs,
-            times,
+            jnp.asarray(times),  # a jax array, as run_ensemble annotates
             rL=rL,
             chunk_size=4,
             reducer=lambda tr: second_moments(tr.positions),
