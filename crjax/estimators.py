@@ -29,6 +29,9 @@ __all__ = [
     "spectrum_estimate",
     "CrossSpectrumEstimate",
     "cross_spectrum_estimate",
+    "estimate_from_spectra",
+    "pixel_diagonal",
+    "pixel_diagonal_tensor",
     "parseval",
     "SumRules",
     "sum_rules",
@@ -298,8 +301,7 @@ def spectrum_estimate(
             "to get the diagonal-removed pseudo-spectrum and forward-model M·S − f_sky·δ"
         )
     cl = power_spectrum(x, lmax=lmax, mask=mask)
-    xm = _apply_mask(x, mask)
-    diag = (FOUR_PI / npix**2) * jnp.sum(xm * xm, axis=-1)
+    diag = pixel_diagonal(x, mask=mask)
     samples, delta = _offset_correct(cl, diag, npix, offset)
     return _summarise(samples, diag, delta)
 
@@ -359,10 +361,75 @@ def cross_spectrum_estimate(
             "(see spectrum_estimate)"
         )
     cl = cross_power_spectra(r, lmax=lmax, mask=mask)  # (R, ..., 3, 3, L)
-    rm = jnp.moveaxis(_apply_mask(jnp.moveaxis(r, -1, -2), mask), -2, -1)
-    diag = (FOUR_PI / npix**2) * jnp.einsum("...na,...nb->...ab", rm, rm)
+    diag = pixel_diagonal_tensor(r, mask=mask)
     samples, delta = _offset_correct(cl, diag, npix, offset)
     return CrossSpectrumEstimate(jnp.mean(samples, axis=0), samples, diag, delta)
+
+
+def pixel_diagonal(maps: ArrayLike, *, mask: ArrayLike | None = None) -> Float[Array, "..."]:
+    """The i = j term of the pixel pair sum of C_ℓ, D = (4π/Npix²) Σ_i (w_i x_i)², ``(...)`` for
+    maps ``(..., npix)``: what :func:`spectrum_estimate` removes per realisation. For a reducer that
+    keeps C_ℓ and D per realisation instead of the maps (:func:`estimate_from_spectra`)."""
+    x = jnp.asarray(maps)
+    npix = x.shape[-1] if x.ndim else 0
+    map_nside(x, "maps")
+    xm = _apply_mask(x.astype(float_dtype(x)), mask)
+    return (FOUR_PI / npix**2) * jnp.sum(xm * xm, axis=-1)
+
+
+def pixel_diagonal_tensor(
+    positions: ArrayLike, *, mask: ArrayLike | None = None
+) -> Float[Array, "... 3 3"]:
+    """D^{ab} = (4π/Npix²) Σ_i w_i² r_a r_b for positions ``(..., npix, 3)``: the tensor
+    :func:`pixel_diagonal` (g_a g_b D^{ab} is D of δI = r·g), ``(..., 3, 3)``."""
+    r = jnp.asarray(positions)
+    if r.ndim < 2 or r.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (..., npix, 3); got {r.shape}")
+    npix = r.shape[-2]
+    map_nside(r[..., 0], "positions")
+    r = r.astype(float_dtype(r))
+    rm = jnp.moveaxis(_apply_mask(jnp.moveaxis(r, -1, -2), mask), -2, -1)
+    return (FOUR_PI / npix**2) * jnp.einsum("...na,...nb->...ab", rm, rm)
+
+
+def estimate_from_spectra(
+    cls: ArrayLike, diagonal: ArrayLike, *, npix: int, offset: bool = True
+) -> SpectrumEstimate:
+    """:func:`spectrum_estimate` from per-realisation spectra and diagonals instead of maps.
+
+    The estimator is linear in (C_ℓ, D_r), so an ensemble reducer may keep only
+    ``power_spectrum(maps, lmax=…)`` and :func:`pixel_diagonal` (or the tensors
+    :func:`crjax.cross_power_spectra` and :func:`pixel_diagonal_tensor`) per realisation.
+
+    Args:
+        cls: ``(R, ..., lmax+1)``, R ≥ 2 realisations, with (ℓmax+1)² < ``npix``.
+        diagonal: ``(R, ...)`` = ``cls.shape[:-1]``.
+        npix: pixels per map (12·nside²). offset: as in :func:`spectrum_estimate`.
+
+    Returns:
+        :class:`SpectrumEstimate`. For tensors ``(R, ..., 3, 3, L)`` with ``(R, ..., 3, 3)``
+        diagonals, ``CrossSpectrumEstimate(r.estimate, r.samples, r.diagonal, r.offset)`` of the
+        result ``r`` contracts with any g (its own covariance is per component only).
+    """
+    cl = jnp.asarray(cls)
+    d = jnp.asarray(diagonal)
+    check_int_at_least("npix", npix, 12)
+    npix_to_nside(npix)
+    if cl.ndim < 2 or cl.shape[0] < 2:
+        raise ValueError(
+            f"cls must have shape (R, ..., lmax+1) with R >= 2 realisations; got {cl.shape}"
+        )
+    if d.shape != cl.shape[:-1]:
+        raise ValueError(f"diagonal must have shape {cl.shape[:-1]} (cls without ℓ); got {d.shape}")
+    if cl.shape[-1] ** 2 >= npix:
+        raise ValueError(
+            f"cls must stop at lmax with (lmax+1)**2 < npix = {npix}; got lmax = {cl.shape[-1] - 1}"
+        )
+    check_finite("cls", cl)
+    check_finite("diagonal", d)
+    dtype = jnp.result_type(float_dtype(cl), float_dtype(d))
+    samples, delta = _offset_correct(cl.astype(dtype), d.astype(dtype), npix, offset)
+    return _summarise(samples, d.astype(dtype), delta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,16 +16,25 @@ from scipy import stats
 
 from crjax import bgk_spectrum, healpix_directions
 from crjax.estimators import (
+    CrossSpectrumEstimate,
     cross_spectrum_estimate,
+    estimate_from_spectra,
     mean_power_spectrum,
     noise_level,
     parseval,
+    pixel_diagonal,
+    pixel_diagonal_tensor,
     spectrum_estimate,
     spectrum_estimator,
     standard_dipole,
     sum_rules,
 )
-from crjax.spectra import declination_band_mask, power_spectrum, relative_intensity
+from crjax.spectra import (
+    cross_power_spectra,
+    declination_band_mask,
+    power_spectrum,
+    relative_intensity,
+)
 from crjax.transport import relative_diffusion_tensor
 
 
@@ -255,9 +264,15 @@ def test_tensor_estimate_contracts_to_scalar_estimate():
         con = t.contract(g)
         # same quadratic forms summed in another order: fp64 round-off (~1e-15 relative); the
         # offsets cancel part of C_l, so compare on the scale of the samples
-        for a, b in zip(con, direct, strict=True):
+        # the reducer route (spectra + diagonals kept per realisation, not the positions)
+        red = estimate_from_spectra(
+            cross_power_spectra(r, lmax=2 * nside), pixel_diagonal_tensor(r), npix=r.shape[-2]
+        )
+        via = CrossSpectrumEstimate(red.estimate, red.samples, red.diagonal, red.offset).contract(g)
+        for a, b, c in zip(con, direct, via, strict=True):
             scale = np.abs(np.asarray(b)).max()
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * scale)
+            np.testing.assert_allclose(c, b, rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_spectrum_estimate_masked_removes_scatter():
@@ -305,6 +320,15 @@ def test_spectrum_estimate_gradient_and_bad_input():
     assert spectrum_estimate(jnp.concatenate([m, m, m, m]), lmax=2).hartlap_factor(3) == 7 / 11
     with pytest.raises(ValueError, match="realisation axis"):
         mean_power_spectrum(jnp.ones((1, 48)))
+    cls, diag = power_spectrum(m, lmax=2), pixel_diagonal(m)
+    with pytest.raises(ValueError, match="diagonal must have shape"):
+        estimate_from_spectra(cls, diag[:, 0], npix=48)
+    with pytest.raises(ValueError, match="R >= 2"):
+        estimate_from_spectra(cls[:1], diag[:1], npix=48)
+    with pytest.raises(ValueError, match="lmax"):
+        estimate_from_spectra(power_spectrum(m, lmax=6), diag, npix=48)
+    with pytest.raises(ValueError, match="map length"):
+        estimate_from_spectra(cls, diag, npix=50)
 
 
 @pytest.mark.slow
