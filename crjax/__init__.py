@@ -24,45 +24,88 @@ from .field import (  # noqa: E402
     realise_field,
     uniform_field,
 )
-from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E402
+from .spectra import (  # noqa: E402
+    cross_power_spectra,
+    declination_band_mask,
+    power_spectrum,
+    relative_intensity,
+    sky_fraction,
+)
+from .estimators import (  # noqa: E402
+    CrossSpectrumEstimate,
+    SpectrumEstimate,
+    cross_spectrum_estimate,
+    estimate_from_spectra,
+    mean_power_spectrum,
+    noise_level,
+    parseval,
+    pixel_diagonal,
+    pixel_diagonal_tensor,
+    spectrum_estimate,
+    spectrum_estimator,
+    standard_dipole,
+    sum_rules,
+)
 from .solvers import Boris  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .backtracking import Trajectory, backtrack, propagate  # noqa: E402
 from .ensemble import run_ensemble  # noqa: E402
 from .chaos import lyapunov_exponent  # noqa: E402
-from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
+from .transport import (  # noqa: E402
+    binned_relative_dispersion,
+    diffusion_tensor,
+    parallel_perpendicular,
+    relative_diffusion_tensor,
+)
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
 from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BendOverSpectrum",
-    "Boris",
-    "Engine",
-    "FieldParams",
-    "KolmogorovSpectrum",
-    "Trajectory",
-    "TurbulentField",
     "backtrack",
+    "BendOverSpectrum",
     "bgk_amplitude",
     "bgk_spectrum",
+    "binned_relative_dispersion",
+    "Boris",
+    "cross_power_spectra",
+    "cross_spectrum_estimate",
+    "CrossSpectrumEstimate",
+    "declination_band_mask",
     "diffusion_dipole",
     "diffusion_tensor",
+    "Engine",
+    "estimate_from_spectra",
+    "FieldParams",
     "healpix_directions",
+    "KolmogorovSpectrum",
     "lyapunov_exponent",
+    "mean_power_spectrum",
     "noise_level",
     "npix_to_nside",
     "parallel_perpendicular",
+    "parseval",
+    "pixel_diagonal",
+    "pixel_diagonal_tensor",
     "power_spectrum",
     "presets",
     "propagate",
     "realise_field",
+    "relative_diffusion_tensor",
     "relative_intensity",
     "reproduce",
     "results",
     "run_ensemble",
+    "sky_fraction",
+    "spectrum_estimate",
+    "spectrum_estimator",
     "spectrum_from_nu",
+    "SpectrumEstimate",
+    "standard_dipole",
+    "sum_rules",
+    "Trajectory",
+    "TurbulentField",
     "uniform_field",
     "use_cpu_cores",
 ]
