@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from . import angular
+from . import estimators, spectra, transport
 from .presets import Preset, get_preset
 from .results import RunStore, read_summary, to_jsonable
 
@@ -76,13 +76,13 @@ def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
 
     def reduce(traj):
         pos, times = traj.positions, traj.times[0]  # (c, nt, npix, 3), (nt,)
-        maps_par = angular.relative_intensity(pos, gp)  # (c, nt, npix)
-        maps_perp = angular.relative_intensity(pos, gq)
+        maps_par = spectra.relative_intensity(pos, gp)  # (c, nt, npix)
+        maps_perp = spectra.relative_intensity(pos, gq)
         return {
-            "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
-            "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
+            "cl_par": spectra.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
+            "cl_perp": spectra.power_spectrum(maps_perp, lmax=ell_max),
             "rr": transport.second_moments(pos),  # (c, nt, 3, 3) direction-averaged ⟨r_i r_j⟩
-            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, times)[0])(pos),
+            "Ktilde": jax.vmap(lambda x: transport.relative_diffusion_tensor(x, times)[0])(pos),
             "maps_par": maps_par,
             "maps_perp": maps_perp,
         }
@@ -246,10 +246,10 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
     fit_ell = np.arange(1, preset.fit_ell_max + 1)
     for side, g in (("par", g_par), ("perp", g_perp)):
         cls = chunks[f"cl_{side}"]
-        noise = np.asarray(angular.noise_level(K, times, g, preset.npix))
-        est = angular.spectrum_estimator(cls, noise)
+        noise = np.asarray(estimators.noise_level(K, times, g, preset.npix))
+        est = estimators.spectrum_estimator(cls, noise)
         mean_map = chunks[f"sum_maps_{side}"].sum(0) / n  # (nt, npix) = ⟨r⟩·g
-        dip = np.asarray(angular.standard_dipole(mean_map[None]))
+        dip = np.asarray(estimators.standard_dipole(mean_map[None]))
         ratio, rerr = _ratio_and_error(cls, noise)
         arrays.update({
             f"cl_{side}": np.asarray(est.mean), f"cl_{side}_realisations": cls,
