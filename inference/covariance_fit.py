@@ -251,50 +251,67 @@ def _grid_shapes(ell: np.ndarray) -> np.ndarray:
     return _grid_full(_padded_lmax(ell))[:, ell - 1]
 
 
-def _chi2_at(sel: _Selected, psi: np.ndarray, p: float) -> float:
-    return float(profiled_chi2(_bgk(sel.ell, p), sel.estimate, psi)[0])
-
-
 # ---------------------------------------------------------------------------------------------------
 # fits
+
+
+def _profile(sel: _Selected, psi: np.ndarray, p_values: np.ndarray):
+    """(χ²_min(p), Â(p), f_p) for a batch of p: one bgk_spectrum call (batched: a fit makes ~5 calls)."""
+    f = _bgk(sel.ell, np.asarray(p_values, dtype=float)[:, None])
+    chi2, amp = profiled_chi2(f, sel.estimate, psi)
+    return np.asarray(chi2), np.asarray(amp), f
+
+
+_N_FINE = 201  # points of each refinement grid (fixed: one compiled shape)
 
 
 def _fit_selected(sel: _Selected) -> CovarianceFit:
     L = sel.ell.size
     psi = hartlap_precision(sel.covariance, sel.n_realisations)
     m = dodelson_schneider_factor(sel.n_realisations, L)
-    grid_chi2 = np.asarray(profiled_chi2(_grid_shapes(sel.ell), sel.estimate, psi)[0])
-    i = int(np.argmin(grid_chi2))
-    lo_b, hi_b = _P_GRID[max(i - 1, 0)], _P_GRID[min(i + 1, _P_GRID.size - 1)]
-    best = optimize.minimize_scalar(
-        lambda p: _chi2_at(sel, psi, p), bounds=(lo_b, hi_b), method="bounded",
-        options={"xatol": 1e-10},
-    )
-    p_hat, chi2_min = float(best.x), float(best.fun)
-    if grid_chi2[i] < chi2_min:  # the bounded search can only improve on the grid point
-        p_hat, chi2_min = float(_P_GRID[i]), float(grid_chi2[i])
+    # 1. coarse grid in p (999 points, cached shapes), 2. a 201-point grid between the neighbours of its
+    # minimum, 3. the vertex of the parabola through the three best fine points: p̂ to ~(Δp_fine)³
+    coarse = np.asarray(profiled_chi2(_grid_shapes(sel.ell), sel.estimate, psi)[0])
+    i = int(np.argmin(coarse))
+    fine_p = np.linspace(_P_GRID[max(i - 1, 0)], _P_GRID[min(i + 1, _P_GRID.size - 1)], _N_FINE)
+    fine, _, _ = _profile(sel, psi, fine_p)
+    j = int(np.argmin(fine))
+    p_hat = float(fine_p[j])
+    if 0 < j < _N_FINE - 1:
+        y0, y1, y2 = fine[j - 1 : j + 2]
+        curv = y0 - 2 * y1 + y2
+        if curv > 0:
+            p_hat += 0.5 * (fine_p[1] - fine_p[0]) * (y0 - y2) / curv
+    h = 1e-6 * min(1.0, p_hat / 1e-3, (1 - p_hat) / 1e-3)
+    chi2_3, amp_3, f_3 = _profile(sel, psi, np.array([p_hat - h, p_hat, p_hat + h]))
+    chi2_min, amp, f = float(chi2_3[1]), float(amp_3[1]), f_3[1]
+    if fine[j] < chi2_min:  # the vertex can only improve on the fine grid point
+        p_hat, chi2_min = float(fine_p[j]), float(fine[j])
 
-    def excess(p):
-        return _chi2_at(sel, psi, p) - chi2_min - m
-
+    # profile-likelihood interval: the coarse grid brackets each crossing of χ²_min + m, a fine grid
+    # narrows it to Δp ≈ 5e-6 and linear interpolation ends it (error ~Δp² χ''/χ' ≪ 1e-6)
     ends, clipped = [], []
     for side in (-1, 1):
         idx = np.arange(i, -1, -1) if side < 0 else np.arange(i, _P_GRID.size)
-        above = np.nonzero(grid_chi2[idx] - chi2_min - m > 0)[0]
+        above = np.nonzero(coarse[idx] - chi2_min - m > 0)[0]
         if above.size == 0:
             ends.append(float(_P_GRID[idx[-1]]))
             clipped.append(True)
             continue
         far = float(_P_GRID[idx[above[0]]])
-        a, b = (far, p_hat) if side < 0 else (p_hat, far)
-        ends.append(float(optimize.brentq(excess, a, b, xtol=1e-10)))
+        near = float(_P_GRID[idx[above[0] - 1]]) if above[0] > 0 else p_hat
+        near = max(near, p_hat) if side > 0 else min(near, p_hat)
+        g = np.linspace(near, far, _N_FINE)  # from inside the interval outwards
+        e = _profile(sel, psi, g)[0] - chi2_min - m
+        k = int(np.argmax(e > 0))
+        if k == 0:  # crossing at or inside the first point (only if near = p̂ rounding)
+            ends.append(float(g[0]))
+        else:
+            ends.append(float(g[k - 1] + (g[k] - g[k - 1]) * (-e[k - 1]) / (e[k] - e[k - 1])))
         clipped.append(False)
-    f = _bgk(sel.ell, p_hat)
-    amp = float(profiled_chi2(f, sel.estimate, psi)[1])
     # Fisher matrix of (p, A) for the amplitude's marginal error; ∂f/∂p by central differences
     # (h = 1e-6: truncation ~1e-12, round-off ~1e-10 relative — far below the statistical error)
-    h = 1e-6 * min(1.0, p_hat / 1e-3, (1 - p_hat) / 1e-3)
-    dfdp = (_bgk(sel.ell, p_hat + h) - _bgk(sel.ell, p_hat - h)) / (2 * h)
+    dfdp = (f_3[2] - f_3[0]) / (2 * h)
     jac = np.stack([amp * dfdp, f], axis=1)
     fisher = jac.T @ psi @ jac
     try:
