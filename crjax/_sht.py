@@ -217,7 +217,7 @@ def _dense_cross_cl(maps: Float[Array, "b k npix"], ylm, lmax: int) -> Float[Arr
     prod = jnp.einsum("xpi,xqi->ixpq", a, a)
     s = jax.ops.segment_sum(prod, ells, num_segments=lmax + 1)  # (L, b, k, k)
     _, inv = _alm_weights(lmax + 1, maps.dtype)
-    return jnp.moveaxis(s, 0, -1) * inv
+    return jnp.moveaxis(s, 0, -1) * inv[None, None, None, :]
 
 
 def cross_cl(maps: Float[Array, "b k npix"], lmax: int, method: str) -> Float[Array, "b k k L"]:

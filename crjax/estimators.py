@@ -50,7 +50,7 @@ def _mean_and_sem(x: Array, name: str):
 
 
 def mean_power_spectrum(
-    maps: Float[ArrayLike, "nreal ... npix"], *, lmax: int | None = None, mask=None
+    maps: ArrayLike, *, lmax: int | None = None, mask=None
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """Ensemble-averaged ⟨C_ℓ⟩ over the leading realisation axis and its standard error (ddof=1).
 
@@ -60,7 +60,7 @@ def mean_power_spectrum(
     return _mean_and_sem(cl, "maps")
 
 
-def standard_dipole(maps: Float[ArrayLike, "nreal ... npix"], *, mask=None) -> Float[Array, "..."]:
+def standard_dipole(maps: ArrayLike, *, mask=None) -> Float[Array, "..."]:
     """C_1 of the ensemble-averaged map (realisations on the leading axis): the seed's
     "standard diffusion" dipole (Fig. 2 magenta), i.e. ⟨r1 r2⟩ → ⟨r1⟩⟨r2⟩; compare eq. (1.1).
     """
@@ -71,9 +71,9 @@ def standard_dipole(maps: Float[ArrayLike, "nreal ... npix"], *, mask=None) -> F
 
 
 def noise_level(
-    K: Float[ArrayLike, "... 3 3"],
-    T: Float[ArrayLike, "..."],
-    g: Float[ArrayLike, "3"],
+    K: ArrayLike,
+    T: ArrayLike,
+    g: ArrayLike,
     npix: int,
 ) -> Float[Array, "..."]:
     """Shot-noise level N = (4π/Npix) · 2T · g·K·g — the seed's (3.1).
@@ -113,7 +113,7 @@ class SeedSpectrumEstimate(NamedTuple):
 
 
 def spectrum_estimator(
-    cls: Float[ArrayLike, "nreal ... L"], noise: Float[ArrayLike, "..."]
+    cls: ArrayLike, noise: ArrayLike
 ) -> SeedSpectrumEstimate:
     """The seed's Ĉ_ℓ = ⟨C_ℓ⟩ − N with its variance over realisations (§3, Fig. 3; N from (3.1)).
 
@@ -217,7 +217,7 @@ def _offset_correct(cl: Array, diag: Array, npix: int, correct: bool) -> tuple[A
     if not correct:
         return pair, jnp.zeros_like(diag)
     w = 2.0 * jnp.arange(L, dtype=cl.dtype) + 1.0
-    delta = jnp.sum(pair * w, axis=-1) / (npix - L * L)
+    delta = jnp.sum(pair * expand_to(w, pair.ndim), axis=-1) / (npix - L * L)
     return pair + delta[..., None], delta
 
 
@@ -319,7 +319,7 @@ class CrossSpectrumEstimate(NamedTuple):
     def n_realisations(self) -> int:
         return int(self.samples.shape[0])
 
-    def contract(self, g: Float[ArrayLike, "3"]) -> SpectrumEstimate:
+    def contract(self, g: ArrayLike) -> SpectrumEstimate:
         """The scalar :class:`SpectrumEstimate` of δI = r·g: samples g_a g_b Ĉ_ℓ^{ab,(r)}, with
         their mean and covariance. Exact (the estimator is linear in the quadratic form) and
         differentiable in g."""
@@ -370,7 +370,7 @@ def cross_spectrum_estimate(
 
 
 def parseval(
-    maps: Float[ArrayLike, "... npix"], *, lmax: int | None = None, mask=None
+    maps: ArrayLike, *, lmax: int | None = None, mask=None
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """Both sides of the pixel Parseval relation: (Σ_{ℓ≤ℓmax} (2ℓ+1) C_ℓ/4π, pixel mean of m²).
 
@@ -404,14 +404,14 @@ class SumRules(NamedTuple):
 
 
 def sum_rules(
-    mean_cls: Float[ArrayLike, "... L"],
-    K: Float[ArrayLike, "... 3 3"],
-    K_rel: Float[ArrayLike, "... 3 3"],
-    T: Float[ArrayLike, "..."],
-    g: Float[ArrayLike, "3"],
+    mean_cls: ArrayLike,
+    K: ArrayLike,
+    K_rel: ArrayLike,
+    T: ArrayLike,
+    g: ArrayLike,
     *,
     npix: int,
-    noise: Float[ArrayLike, "..."] | None = None,
+    noise: ArrayLike | None = None,
 ) -> SumRules:
     """The seed's sum rules (2.5)–(2.7) for ensemble averages, both sides.
 

@@ -41,11 +41,11 @@ __all__ = [
 
 
 def relative_intensity(
-    positions: Float[ArrayLike, "... npix 3"],
-    g: Float[ArrayLike, "3"],
+    positions: ArrayLike,
+    g: ArrayLike,
     *,
-    velocities: Float[ArrayLike, "... npix 3"] | None = None,
-    K: Float[ArrayLike, "... 3 3"] | None = None,
+    velocities: ArrayLike | None = None,
+    K: ArrayLike | None = None,
 ) -> Float[Array, "... npix"]:
     """Relative intensity δI(p̂) = r(−T; p̂)·g [− 3 p̂(−T)·K·g]: the seed's (2.1) without δf(−T).
 
@@ -135,10 +135,10 @@ def _apply_mask(maps: Array, mask) -> Array:
 
 def declination_band_mask(
     nside: int,
-    dec_min: float,
-    dec_max: float,
+    dec_min: float | int,
+    dec_max: float | int,
     *,
-    pole: Float[ArrayLike, "3"] = (0.0, 0.0, 1.0),
+    pole: ArrayLike | tuple[float | int, ...] = (0.0, 0.0, 1.0),
     dtype=None,
 ) -> Float[Array, "npix"]:
     """Binary sky mask in crjax pixel order: 1 where the *arrival* direction's declination lies in
@@ -171,7 +171,7 @@ def declination_band_mask(
     return jnp.asarray(band, dtype=dtype or jnp.result_type(float))
 
 
-def sky_fraction(mask: Float[ArrayLike, "... npix"]) -> Float[Array, "..."]:
+def sky_fraction(mask: ArrayLike) -> Float[Array, "..."]:
     """f_sky = mean of mask² over pixels: the usual first-order pseudo-C_ℓ correction,
     ⟨C̃_ℓ⟩ ≈ f_sky C_ℓ. An all-zero mask is refused."""
     mask = jnp.asarray(mask)
@@ -195,10 +195,10 @@ def _prepare(maps, lmax, method, name):
 
 
 def power_spectrum(
-    maps: Float[ArrayLike, "... npix"],
+    maps: ArrayLike,
     *,
     lmax: int | None = None,
-    mask: Float[ArrayLike, "... npix"] | None = None,
+    mask: ArrayLike | None = None,
     method: str = "ring",
 ) -> Float[Array, "... L"]:
     """Angular power spectrum C_ℓ, ℓ = 0…ℓmax, of HEALPix (RING) maps — the seed's (2.2).
@@ -231,10 +231,10 @@ def power_spectrum(
 
 
 def cross_power_spectra(
-    positions: Float[ArrayLike, "... npix 3"],
+    positions: ArrayLike,
     *,
     lmax: int | None = None,
-    mask: Float[ArrayLike, "... npix"] | None = None,
+    mask: ArrayLike | None = None,
     method: str = "ring",
 ) -> Float[Array, "... 3 3 L"]:
     """Cross spectra C_ℓ^{ab} of the three position-component maps r_a(−T; p̂), a, b ∈ {x, y, z}.

@@ -42,7 +42,7 @@ def _outer_mean(positions):
     return jnp.einsum("...ni,...nj->...ij", positions, positions) / positions.shape[-2]
 
 
-def second_moments(positions: Float[Array, "... ntimes npix 3"]) -> Float[Array, "... ntimes 3 3"]:
+def second_moments(positions: ArrayLike) -> Float[Array, "... ntimes 3 3"]:
     """⟨r_i r_j⟩ over directions (the pixel axis −2), keeping all leading axes.
 
     A ready-made per-realisation reducer summary for ``run_ensemble``: e.g.
@@ -72,7 +72,7 @@ def _over_2t(m, times):
 
 
 def diffusion_tensor(
-    positions: Float[Array, "... ntimes npix 3"], times: Float[Array, " ntimes"]
+    positions: ArrayLike, times: ArrayLike
 ) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
     """Running diffusion tensor K_ij(T) = ⟨r_i r_j⟩/(2T) and its standard error (physics.md §1).
 
@@ -102,7 +102,7 @@ def diffusion_tensor(
 
 
 def diffusion_tensor_from_moments(
-    moments: Float[Array, "nreal ntimes 3 3"], times: Float[Array, " ntimes"]
+    moments: ArrayLike, times: ArrayLike
 ) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
     """K and its standard error over realisations from per-realisation ⟨r_i r_j⟩ (``second_moments``).
 
@@ -123,7 +123,7 @@ def diffusion_tensor_from_moments(
 
 
 def parallel_perpendicular(
-    K: Float[ArrayLike, "... 3 3"], b0_direction: Float[ArrayLike, "3"]
+    K: ArrayLike, b0_direction: ArrayLike
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """K_∥ = b̂·K·b̂ and K_⊥ = (tr K − K_∥)/2 for the regular-field direction b̂ (normalised here).
 
@@ -143,7 +143,7 @@ def parallel_perpendicular(
     return k_par, k_perp
 
 
-def mean_free_path(K: Float[ArrayLike, "..."], v: float = 1.0) -> Float[Array, "..."]:
+def mean_free_path(K: ArrayLike, v: float = 1.0) -> Float[Array, "..."]:
     """λ = 3K/v (physics.md §1), units of Lc for K in Lc·c."""
     return 3.0 * jnp.asarray(K) / v
 
@@ -162,7 +162,7 @@ def _positions_check(positions, name="positions") -> Array:
 
 
 def relative_diffusion_tensor(
-    positions: Float[ArrayLike, "... ntimes npix 3"], times: Float[ArrayLike, "ntimes"]
+    positions: ArrayLike, times: ArrayLike
 ) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
     """Relative diffusion tensor K̃_ij(T) of the seed's (2.4), averaged over all direction pairs.
 
@@ -268,9 +268,9 @@ def _binned_sums(r, d, edges, nbins: int, chunk: int):
 
 
 def binned_relative_dispersion(
-    positions: Float[ArrayLike, "... npix 3"],
+    positions: ArrayLike,
     *,
-    bins: int | Float[ArrayLike, "nb1"] = 10,
+    bins: int | ArrayLike = 10,
     chunk_size: int | None = None,
 ) -> BinnedDispersion:
     """⟨Δr_i Δr_j⟩ = ⟨(r1 − r2)_i (r1 − r2)_j⟩ over pixel pairs binned in x = p̂1·p̂2 (seed (2.4)).
