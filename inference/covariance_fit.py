@@ -237,8 +237,9 @@ def _padded_lmax(ell: np.ndarray) -> int:
 
 def _bgk(ell: np.ndarray, p) -> np.ndarray:
     """bgk_spectrum(ell, p) for ℓ ≥ 1 (p scalar or (n, 1)), through the padded ℓ range."""
-    full = np.asarray(bgk_spectrum(np.arange(1, _padded_lmax(ell) + 1), p))
-    return full[..., ell - 1]
+    p = np.asarray(p, dtype=float)
+    ells = np.arange(1, _padded_lmax(ell) + 1).reshape((1,) * max(p.ndim - 1, 0) + (-1,))
+    return np.asarray(bgk_spectrum(ells, p))[..., ell - 1]
 
 
 @functools.lru_cache(maxsize=8)

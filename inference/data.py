@@ -401,16 +401,16 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
     bad = ~(np.isfinite(ell_f) & (ell_f == np.round(ell_f)) & (ell_f >= 0) & (ell_f <= _MAX_ELL))
     if np.any(bad):
         r = int(np.argmax(bad))
-        fail(r, f"ell must be an integer >= 0 (at most {_MAX_ELL}); got {ell_f[r]!r}")
+        fail(r, f"ell must be an integer >= 0 (at most {_MAX_ELL}); got {float(ell_f[r])!r}")
     for col, name in enumerate(COLUMNS[1:], start=1):
         v = table[:, col]
         nonfinite = ~np.isfinite(v)
         if np.any(nonfinite):
             r = int(np.argmax(nonfinite))
-            fail(r, f"{name} must be finite; got {v[r]!r}")
+            fail(r, f"{name} must be finite; got {float(v[r])!r}")
         if name != "C_ell" and np.any(v <= 0):
             r = int(np.argmax(v <= 0))
-            fail(r, f"{name} must be > 0 (distance to the 68% bound); got {v[r]!r}")
+            fail(r, f"{name} must be > 0 (distance to the 68% bound); got {float(v[r])!r}")
     ell = ell_f.astype(np.int64)
     order = np.argsort(ell, kind="stable")
     dup = np.nonzero(np.diff(ell[order]) == 0)[0]
