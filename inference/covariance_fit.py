@@ -428,7 +428,9 @@ def _fit_tilted(sel: _Selected, psi: np.ndarray, p0: float) -> FamilyFit:
     lp0 = math.log(p0 / (1 - p0))
     for b0 in (0.0, -0.6, 2.0, 10.0):
         r = optimize.minimize(
-            chi2, [lp0, math.log(b0 + 0.95)], method="Nelder-Mead",
+            chi2,
+            [lp0, math.log(b0 + 0.95)],
+            method="Nelder-Mead",
             options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 2000},
         )
         if best is None or r.fun < best.fun:
@@ -471,8 +473,15 @@ def compare_nu_families(
     bgk = _fit_selected(sel)
     psi = hartlap_precision(sel.covariance, sel.n_realisations)
     return [
-        FamilyFit("bgk", "nu_r ∝ (1-x)^p (seed eq. 4.7)", {"p": bgk.p}, bgk.amplitude,
-                  bgk.chi2, bgk.dof, bgk.pvalue),
+        FamilyFit(
+            "bgk",
+            "nu_r ∝ (1-x)^p (seed eq. 4.7)",
+            {"p": bgk.p},
+            bgk.amplitude,
+            bgk.chi2,
+            bgk.dof,
+            bgk.pvalue,
+        ),
         _fit_tilted(sel, psi, min(max(bgk.p, 0.02), 0.98)),
     ]
 

@@ -135,7 +135,9 @@ class Spectrum:
                 )
         if self.noise_subtracted is not True and np.any(arrays["cl"] < 0):
             r = int(np.argmax(arrays["cl"] < 0))
-            raise ValueError(f"{where}: " + _negative_raw_message(int(ell[r]), float(arrays["cl"][r])))
+            raise ValueError(
+                f"{where}: " + _negative_raw_message(int(ell[r]), float(arrays["cl"][r]))
+            )
         order = np.argsort(ell, kind="stable")
         object.__setattr__(self, "ell", ell[order])
         for k, v in arrays.items():
@@ -329,7 +331,7 @@ def _parse_header(comments, path: str) -> dict:
 def _data_line_numbers(text: str, rows) -> dict:
     """Line numbers of the data rows with the given indices (0-based, in file order): one linear pass,
     used only to name the line of an error."""
-    wanted = sorted(set(int(r) for r in rows))
+    wanted = sorted({int(r) for r in rows})
     found, k = {}, 0
     for lineno, line in enumerate(text.split("\n"), start=1):
         s = line.strip()
@@ -376,7 +378,7 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
     the rows only to name the line of an error (2 million rows: a few seconds).
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a file path; got {path!r}")
+        raise ValueError(f"path must be a file path; got {path!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
     path = os.fspath(path)
     text = _read_text(path)
     meta = _parse_header(_comment_lines(text, path), path)
@@ -424,9 +426,7 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
     if meta.get("noise_subtracted") is not True and np.any(cl < 0):
         r = int(np.argmax(cl < 0))
         fail(r, _negative_raw_message(int(ell[r]), float(cl[r])))
-    return Spectrum(
-        ell=ell, cl=cl, err_lo=table[:, 2], err_hi=table[:, 3], path=path, **meta
-    )
+    return Spectrum(ell=ell, cl=cl, err_lo=table[:, 2], err_hi=table[:, 3], path=path, **meta)
 
 
 def _negative_raw_message(ell: int, value: float) -> str:

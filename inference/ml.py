@@ -32,10 +32,10 @@ from inference.likelihoods import (
     _data,
     _natural,
     _neg2loglike,
-    _Prepared,
     _prepare,
-    _static,
+    _Prepared,
     _Static,
+    _static,
     _wls_amplitude,
 )
 
@@ -245,7 +245,7 @@ def fit_p_map_by_lmax(
             raise ValueError("lmax_values must name at least one largest multipole; got none")
         for v in lmax_values:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise ValueError(f"lmax_values must be integers; got {v!r}")
+                raise ValueError(f"lmax_values must be integers; got {v!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
         top = max(lmax_values)
     else:
         top = DEFAULT_LMAX_TABLE[-1] if lmax is None else min(DEFAULT_LMAX_TABLE[-1], lmax)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.data import Spectrum
-from inference.likelihoods import _chi2_terms, _data, _model, _Prepared, _prepare, _static, _Static
+from inference.likelihoods import _chi2_terms, _data, _model, _prepare, _Prepared, _Static, _static
 
 __all__ = ["NutsResult", "Priors", "fit_p_nuts"]
 
@@ -100,7 +100,8 @@ def _loglike_natural(st: _Static, data: dict, p, log_amp, noise):
     # one jitted call: numpyro's initialisation traces the model eagerly, op by op
     mu = _model(st, data, p, jnp.exp(log_amp), noise)
     return -0.5 * jnp.sum(
-        data["w"] * _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
+        data["w"]
+        * _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
     )
 
 

@@ -75,9 +75,7 @@ def _log_wigner3j_000_sq(l1, l2, l3):
     return np.where(ok, val, -np.inf)
 
 
-def mask_coupling_matrix(
-    mask: ArrayLike, lmax: int, *, lmax_in: int | None = None
-) -> np.ndarray:
+def mask_coupling_matrix(mask: ArrayLike, lmax: int, *, lmax_in: int | None = None) -> np.ndarray:
     """Pseudo-C_ℓ coupling M (shape (lmax+1, lmax_in+1)): ⟨C̃_ℓ⟩ = Σ_ℓ' M_ℓℓ' C_ℓ' for an isotropic signal
     multiplied by ``mask`` (HEALPix RING map, any weights). M_ℓℓ' = (2ℓ'+1)/(4π) Σ_L (2L+1) W_L
     (ℓ ℓ' L; 0 0 0)², W_L the mask's power spectrum (healpy.anafast; Hivon et al. 2002, ApJ 567, 2).
@@ -101,9 +99,7 @@ def mask_coupling_matrix(
     )
 
 
-def coupling_forward(
-    mask: ArrayLike, lmax: int, *, lmax_in: int | None = None
-) -> Callable:
+def coupling_forward(mask: ArrayLike, lmax: int, *, lmax_in: int | None = None) -> Callable:
     """Forward model C_ℓ (ℓ = 0..lmax_in) ↦ pseudo-C_ℓ (ℓ = 0..lmax) of ``mask``; pass as ``forward=``.
 
     The callable carries ``lmax_in`` (the fit evaluates the model up to it). Limitation: the m = 0
