@@ -36,6 +36,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class Spectrum:
         """Header entries that are set, in HEADER_KEYS order."""
         return {k: getattr(self, k) for k in HEADER_KEYS if getattr(self, k) is not None}
 
-    def select(self, lmin: int | None = None, lmax: int | None = None) -> Spectrum:
+    def select(self, lmin: Real | None = None, lmax: Real | None = None) -> Spectrum:
         """The rows with lmin ≤ ℓ ≤ lmax (inclusive; None = no bound). ValueError if none remain."""
         lo = int(self.ell.min()) if lmin is None else lmin
         hi = int(self.ell.max()) if lmax is None else lmax

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+from numbers import Real
 
 import jax.numpy as jnp
 import numpy as np
@@ -168,17 +169,17 @@ def _check_options(
 def fit_spectrum_file(
     path: str | os.PathLike,
     *,
-    lmin: int | None = None,
-    lmax: int | None = None,
+    lmin: Real | None = None,
+    lmax: Real | None = None,
     noise: str = "auto",
-    noise_level: float | None = None,
+    noise_level: Real | None = None,
     likelihood: str = "auto",
     nuts: bool = False,
-    num_warmup: int = 500,
-    num_samples: int = 1000,
-    num_chains: int = 1,
-    seed: int = 0,
-    priors: Priors | None = None,
+    num_warmup: Real = 500,
+    num_samples: Real = 1000,
+    num_chains: Real = 1,
+    seed: Real = 0,
+    priors: object = None,  # a Priors (checked: ValueError otherwise)
     plot: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     quiet: bool = False,

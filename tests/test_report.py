@@ -49,7 +49,6 @@ def test_report_without_table_rows(tmp_path):
         ({"num_samples": 1}, "num_samples must be an integer >= 2"),
         ({"num_chains": 2.0}, "num_chains must be an integer >= 1"),
         ({"seed": -3}, "seed must be an integer >= 0"),
-        ({"nuts": "yes"}, "nuts must be True or False"),
         ({"priors": {"p_low": 0.1}}, "priors must be an inference.nuts.Priors"),
         ({"output": "/nonexistent-dir/x.json"}, "output: the folder '/nonexistent-dir' of"),
         ({"plot": "/nonexistent-dir/x.png"}, "plot: the folder '/nonexistent-dir' of"),
