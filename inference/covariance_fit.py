@@ -29,6 +29,19 @@ Choices (docs/physics.md):
 * χ², dof = L − 2 and the χ²_dof p-value are always reported (the p-value neglects the O(L/R) spread of
   Hartlap's χ² beyond χ²_dof).
 
+Validation (``tests/test_covariance_fit.py``; bias = mean of (p̂ − p)/σ, coverage of the 68% interval):
+
+* Gaussian ensembles, R = 60, common-mode covariance, 300 trials: coverage 0.71, bias −0.01.
+* Toy Monte Carlo of cause 2 (common offset across ℓ), 300 trials: the full-covariance fit's quoted error
+  equals the spread of p̂ (ratio 0.96); given only the diagonal, the quoted error is 1.6× too small.
+* healpy-synthesised maps (S_ℓ = 10·BGK(p), monopole 3, white noise σ_r ∈ [0.5, 2]) through
+  ``crjax.spectrum_estimate``, nside 8, R = 100, 300 trials per p (slow tier): coverage 0.710 / 0.710 /
+  0.723 and bias +0.05 / +0.06 / +0.06 for p = ⅓, ½, ⅔; nside 16 (150 trials): coverage 0.65, bias +0.20.
+  A residual absolute bias of p̂ ≈ +0.002–0.003 (Â ≈ 1% low) is nearly independent of R (60–200) and
+  stays when the fit uses a pooled covariance independent of the trial, so it comes from the estimate's
+  shape (a ≲0.5% tilt between ℓ = 2 and 12), not from the weighting: it exceeds 0.2σ for R ≳ 200
+  (measured +0.27σ at R = 200, nside 8).
+
 ``p_by_ell_range`` gives p as a function of the fitted ℓmax (4..12). ``compare_nu_families`` fits a
 two-parameter alternative to BGK's ν_r ∝ (1−x)^p through ``crjax.theory.spectrum_from_nu``,
 ν_r ∝ (1−x)^p [1 + b(1−x)/2] (b > −1: the rate at wide angles relative to the small-angle power law; b = 0
@@ -409,7 +422,11 @@ def _tilted_shapes(ell: np.ndarray, p: float, b: float) -> np.ndarray:
     def nu_r(x):
         return (1.0 - x) ** p * (1.0 + 0.5 * b * (1.0 - x))
 
-    cl = np.asarray(spectrum_from_nu(ells, nu_r, endpoint_exponent=p))
+    # the smooth part 1/(1 + b(1−x)/2) is analytic on [−1, 1] for b > −0.95: 48 nodes are exact to
+    # round-off for ℓ ≤ 30 (x P_ℓ is a polynomial of degree ℓ + 1)
+    cl = np.asarray(
+        spectrum_from_nu(ells, nu_r, endpoint_exponent=p, n_nodes=max(48, int(ells.max()) + 18))
+    )
     return cl[np.searchsorted(ells, ell)] / cl[0]
 
 
@@ -427,7 +444,7 @@ def _fit_tilted(sel: _Selected, psi: np.ndarray, p0: float) -> FamilyFit:
 
     best = None
     lp0 = math.log(p0 / (1 - p0))
-    for b0 in (0.0, -0.6, 2.0, 10.0):
+    for b0 in (0.0, -0.6, 4.0):
         r = optimize.minimize(
             chi2,
             [lp0, math.log(b0 + 0.95)],

@@ -197,7 +197,9 @@ def _prepare(
         offset=offset / scale,
         likelihood=likelihood,
         forward=forward,
-        forward_lmax=int(forward_lmax),
+        # unused without a forward model: 0 keeps it out of the compile cache key (one program per
+        # data shape, whatever the data's largest ℓ)
+        forward_lmax=int(forward_lmax) if forward is not None else 0,
         spectrum=sel,
     )
 

@@ -3,7 +3,7 @@
 
 A ground observatory sees part of the sky; its pseudo-C_ℓ of an isotropic signal is ⟨C̃_ℓ⟩ = Σ M_ℓℓ' C_ℓ'.
 Pass ``coupling_forward(mask, lmax)`` as ``forward=`` to ``inference.ml.fit_p_map`` / ``inference.nuts``.
-The project's one declination mask is ``crjax.angular.declination_band_mask`` (pixel = momentum direction
+The project's one declination mask is ``crjax.spectra.declination_band_mask`` (pixel = momentum direction
 p̂, arrival direction −p̂; see docs/physics.md). M depends on the mask only through its power spectrum
 W_L, and the antipodal map p̂ → −p̂ multiplies each a_LM by (−1)^L, leaving W_L unchanged: the coupling of a
 mask in momentum pixels equals that of the same mask in arrival pixels, so M applies to data maps too.
