@@ -160,8 +160,8 @@ def pathwise_study(out, nside=4, n_modes=64, n=32, window_omega=10.0):
         path = out / f"truncated_{t_omega:g}.npz"
         if path.exists():
             continue
-        fn = jax.jit(jax.vmap(lambda k: G.truncated_pathwise_gradient(
-            p0, k, nside, t_omega * RL0, window_omega * RL0, rL=RL0, dt=DT)))
+        fn = jax.jit(jax.vmap(lambda k, t=t_omega: G.truncated_pathwise_gradient(
+            p0, k, nside, t * RL0, window_omega * RL0, rL=RL0, dt=DT)))
         t0 = time.perf_counter()
         f, d = fn(keys)
         jax.block_until_ready(d)
@@ -291,7 +291,7 @@ def print_tables(res):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "study":
         crjax.use_cpu_cores(2)
-        study(sys.argv[2], nside=int(os.environ.get("NSIDE", 4)))
+        study(sys.argv[2], nside=int(os.environ.get("NSIDE", "4")))
     elif len(sys.argv) > 1 and sys.argv[1] == "pathwise":
         crjax.use_cpu_cores(2)
         pathwise_study(sys.argv[2])

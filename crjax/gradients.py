@@ -48,24 +48,24 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 import crjax
 
-from ._checks import check_int_at_least, check_positive, is_concrete
+from ._checks import check_int_at_least, check_positive
 
 __all__ = [
     "THETA_NAMES",
-    "gaussian_amplitudes",
-    "realise_gaussian_field",
-    "mode_variances",
-    "with_theta",
-    "amplitude_score",
-    "spectrum_statistic",
     "EnsembleSample",
-    "ensemble_sample",
-    "score_function_gradient",
-    "rescaled_rl_gradient",
+    "amplitude_score",
     "central_difference",
+    "ensemble_sample",
+    "gaussian_amplitudes",
+    "mode_variances",
     "pathwise_gradient",
-    "truncated_pathwise_gradient",
     "realisations_for_precision",
+    "realise_gaussian_field",
+    "rescaled_rl_gradient",
+    "score_function_gradient",
+    "spectrum_statistic",
+    "truncated_pathwise_gradient",
+    "with_theta",
 ]
 
 #: Parameters θ the estimators know: σ², rL/Lc (Lc = 1), spectral index γ, bend-over scale Lc.
@@ -196,7 +196,7 @@ def _f_of_maps(maps, lmax):
 def spectrum_statistic(
     positions: Float[Array, "... npix 3"],
     velocities: Float[Array, "... npix 3"],
-    g: Float[ArrayLike, "3"],
+    g: Float[ArrayLike, 3],
     lmax: int,
 ) -> tuple[Float[Array, "... L"], Float[Array, "... L"]]:
     """(f_ℓ, ∂_T f_ℓ) per map: f_ℓ = C_ℓ − N (seed (2.2), (3.1)), so E[f_ℓ] = Ĉ_ℓ.
@@ -225,7 +225,7 @@ class EnsembleSample(eqx.Module):
     names: tuple[str, ...] = eqx.field(static=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reducer(g: tuple, lmax: int):
     def reduce(traj):
         return spectrum_statistic(traj.positions, traj.velocities, jnp.asarray(g), lmax)
@@ -444,7 +444,7 @@ def truncated_pathwise_gradient(
 
 def realisations_for_precision(
     samples: Float[ArrayLike, "nreal ..."], precision: float = 0.2
-) -> Float[Array, "..."]:
+) -> Float[Array, ...]:
     """Realisations needed for the mean of per-realisation ``samples`` to reach relative standard
     error ``precision``: (std/(precision·|mean|))² (the cosmic-variance floor of an estimator)."""
     check_positive("precision", precision)
@@ -454,9 +454,3 @@ def realisations_for_precision(
     m = jnp.mean(x, axis=0)
     s = jnp.std(x, axis=0, ddof=1)
     return (s / (precision * jnp.abs(m))) ** 2
-
-
-def _concrete_float(name, x):
-    if not is_concrete(x):
-        raise ValueError(f"{name} must be a concrete float")
-    return float(x)

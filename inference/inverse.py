@@ -35,14 +35,14 @@ from crjax import gradients as G
 
 __all__ = [
     "THETA",
-    "TensorSample",
-    "tensor_sample",
-    "gradient_direction",
-    "SpectrumModel",
-    "spectrum_model",
-    "fisher_matrix",
     "FitResult",
+    "SpectrumModel",
+    "TensorSample",
+    "fisher_matrix",
     "fit_parameters",
+    "gradient_direction",
+    "spectrum_model",
+    "tensor_sample",
 ]
 
 #: The parameters of the inverse problem.
@@ -62,7 +62,7 @@ def _check_theta(theta):
     return theta
 
 
-def gradient_direction(angle: ArrayLike) -> Float[Array, "3"]:
+def gradient_direction(angle: ArrayLike) -> Float[Array, 3]:
     """ĝ = (sin α, 0, cos α): ∇n/n at angle α to B0 ∥ ẑ (unit length; C_ℓ ∝ |g|²)."""
     a = jnp.asarray(angle)
     return jnp.stack([jnp.sin(a), jnp.zeros_like(a), jnp.cos(a)])
@@ -85,7 +85,7 @@ def _tensor_f(positions, lmax):
     return c - (_FOUR_PI / npix) * m2[..., None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tensor_reducer(lmax: int):
     def reduce(traj):
         fn = functools.partial(_tensor_f, lmax=lmax)
