@@ -382,7 +382,7 @@ class TurbulentField(eqx.Module):
         return self.prepare()(x)
 
     def prepare(self) -> _PreparedField:
-        """The field in the layout its evaluation uses (the same B(x); a differentiable map).
+        """The field as its evaluation uses it (the same B(x); a differentiable map).
 
         Loops that evaluate B many times (the Boris push) call this once outside the loop, so
         the rescaling by 1/π and the padding are not redone per evaluation.
@@ -395,7 +395,7 @@ class TurbulentField(eqx.Module):
         amplitudes = jnp.concatenate([self.amplitudes, jnp.zeros((n, 1), dt)], axis=1)
         return _PreparedField(
             b0=self.b0,
-            wavevectors_t=(self.wavevectors * scale).T,
+            wavevectors=self.wavevectors * scale,
             phases=self.phases * scale,
             amplitudes=amplitudes,
             exact_cos=self.exact_cos,
@@ -404,11 +404,13 @@ class TurbulentField(eqx.Module):
 
 
 class _PreparedField(eqx.Module):
-    """``TurbulentField`` in evaluation layout: kᵀ (3, n) and β, both divided by π for the fast
-    cosine (which takes phase/π), amplitudes padded to (n, 4); see ``TurbulentField.prepare``."""
+    """``TurbulentField`` in evaluation layout: k (n, 3) and β, both divided by π for the fast
+    cosine (which takes phase/π), amplitudes padded to (n, 4); see ``TurbulentField.prepare``.
+    k stays (n, 3): the dot contracts its second axis directly (a stored kᵀ cost a transpose
+    copy per diffrax step in the compiled loop)."""
 
     b0: Float[Array, " 3"]
-    wavevectors_t: Float[Array, "3 n"]
+    wavevectors: Float[Array, "n 3"]
     phases: Float[Array, " n"]
     amplitudes: Float[Array, "n 4"]
     exact_cos: bool = eqx.field(static=True)
@@ -433,7 +435,7 @@ class _PreparedField(eqx.Module):
     def _modesum(self, x: Float[Array, "m 3"]) -> Float[Array, "m 3"]:
         # Matmul form: measured fastest on XLA:CPU (YNNPACK dots) among broadcast/reduce and
         # fused elementwise-phase variants (benchmarks/field.py, docs/engine_profile.md).
-        phase = x @ self.wavevectors_t + self.phases[None, :]
+        phase = x @ self.wavevectors.T + self.phases[None, :]
         c = jnp.cos(phase) if self.exact_cos else _fast_cospi(phase)
         return (c @ self.amplitudes)[:, :3] + self.b0[None, :]
 
