@@ -110,9 +110,13 @@ class Boris(diffrax.AbstractSolver):
         # diffrax wraps the term (e.g. WrapTerm for the time direction); contr() handles the sign.
         h = terms.contr(t0, t1) / self.substeps
         lorentz = _unwrap(terms)
+        # A field with ``prepare()`` (TurbulentField) is put in its evaluation layout once per
+        # diffrax step, not once per push.
+        prepare = getattr(lorentz.field, "prepare", None)
+        field = prepare() if callable(prepare) else lorentz.field
 
         def push(_, y):
-            return boris_push(lorentz.field, lorentz.coupling, h, y)
+            return boris_push(field, lorentz.coupling, h, y)
 
         y1 = jax.lax.fori_loop(0, self.substeps, push, y0) if self.substeps > 1 else push(0, y0)
         return y1, None, {"y0": y0, "y1": y1}, None, diffrax.RESULTS.successful

@@ -256,6 +256,28 @@ def test_fast_matches_exact_and_shapes(field64, call_jit, key):
         assert out.shape == shape and out.dtype == jnp.float64
 
 
+def test_call_matches_numpy_mode_sum(field64, call_jit):
+    """B(x) (prepared layout: kᵀ/π, β/π, amplitudes padded to 4 columns) against the mode sum
+    b0 + Σ A_n cos(k_n·x + β_n) in numpy long double, and ``prepare()`` is the same map."""
+    x = np.asarray(X5).astype(np.longdouble)
+    k, beta = (np.asarray(a).astype(np.longdouble) for a in (field64.wavevectors, field64.phases))
+    amp = np.asarray(field64.amplitudes).astype(np.longdouble)
+    ref = np.asarray(field64.b0) + np.cos(x @ k.T + beta) @ amp
+    # Per mode: the fast cosine's 2 eps plus the rounding of the phase (k·x + β, and its scaling
+    # by 1/π) ~ 4|phase| eps, weighted by |A_n|; the sum of 256 terms adds ≲ 256 eps·max|A|.
+    phase = np.abs(np.asarray(X5) @ np.asarray(field64.wavevectors).T) + np.abs(
+        np.asarray(field64.phases)
+    )
+    an = np.linalg.norm(np.asarray(field64.amplitudes), axis=-1)
+    tol = (float(np.max((2 + 4 * phase) @ an)) + 256 * float(an.max())) * EPS[np.float64]
+    b = call_jit(field64, X5)
+    assert float(np.max(np.abs(np.asarray(b, np.longdouble) - ref))) <= tol
+    np.testing.assert_array_equal(jax.jit(lambda f, y: f.prepare()(y))(field64, X5), b)
+    prepared = field64.prepare()
+    assert prepared.amplitudes.shape == (field64.n_modes, 4)
+    assert not np.any(np.asarray(prepared.amplitudes[:, 3]))
+
+
 def test_spatial_mean_of_dB2(key):
     """⟨|δB|²⟩ over space = σ²B0² (⟨cos²⟩ = 1/2) and ⟨δB_i²⟩ = Σ A² ξ_i²/2 per realisation."""
     sigma2, b0 = 0.8, 1.3
