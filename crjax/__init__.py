@@ -27,7 +27,7 @@ from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E4
 from .backtrack import Trajectory, backtrack, propagate, run_ensemble  # noqa: E402
 from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
-from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
+from . import presets, results, runs  # noqa: E402  (the main job: inference.pipeline.reproduce)
 
 __version__ = "0.1.0"
 
@@ -51,9 +51,9 @@ __all__ = [
     "propagate",
     "realise_field",
     "relative_intensity",
-    "reproduce",
     "results",
     "run_ensemble",
+    "runs",
     "spectrum_from_nu",
     "uniform_field",
     "use_cpu_cores",
