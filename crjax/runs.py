@@ -26,7 +26,7 @@ from . import angular
 from .presets import Preset
 from .results import RunStore
 
-__all__ = ["gradient_directions", "run_params", "simulate", "CHUNK_DELAY_ENV"]
+__all__ = ["CHUNK_DELAY_ENV", "gradient_directions", "run_params", "simulate"]
 
 CHUNK_DELAY_ENV = "CRJAX_TEST_CHUNK_DELAY"  # test hook: seconds to sleep before every chunk but the first
 
@@ -42,7 +42,7 @@ def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
     return preset.grad * b, preset.grad * e / np.linalg.norm(e)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
     """Per-chunk reducer (runs inside the ensemble jit). Cached: one function object per setup,
     because ``run_ensemble`` treats it as a static argument (a new object would recompile)."""
@@ -93,7 +93,8 @@ def simulate(
     from .sky import healpix_directions
 
     if not isinstance(preset, Preset):
-        raise ValueError(f"preset must be a crjax.presets.Preset; got {type(preset).__name__}")
+        raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout crjax)
+            f"preset must be a crjax.presets.Preset; got {type(preset).__name__}")
     store = RunStore.open(out, run_params(preset), resume=resume, upgrade=_upgrade_params)
     g_par, g_perp = gradient_directions(preset)
     reducer = _reducer(tuple(g_par), tuple(g_perp), preset.ell_max)

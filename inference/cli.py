@@ -27,7 +27,7 @@ from pathlib import Path
 
 from crjax.presets import DTYPES, GEOMETRIES, PRESETS, SOLVER_NAMES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _FIT_LIKELIHOODS = ("auto", "lognormal", "split_normal", "variable_gaussian", "gaussian")
 _FIT_NOISE = ("auto", "none", "fixed", "free")

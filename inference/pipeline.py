@@ -42,12 +42,12 @@ from .data import save_spectrum, spectrum_from_estimate
 from .fit import fit_p_map
 
 __all__ = [
+    "CONVERGENCE_SPAN",
     "analyse",
+    "format_summary",
     "make_figures",
     "plot_run",
     "reproduce",
-    "format_summary",
-    "CONVERGENCE_SPAN",
 ]
 
 CONVERGENCE_SPAN = 2.0  # compare Ĉ_ℓ/Ĉ_1 at T_last with the save time ≤ T_last / CONVERGENCE_SPAN
@@ -295,14 +295,14 @@ def format_summary(summary: dict | str | Path) -> str:
     """One screen of text: K_∥, K_⊥, convergence, best-fit p, files (a dict or a run directory)."""
     s = summary if isinstance(summary, dict) else read_summary(summary)
     lines = [
-        f"crjax {s.get('preset', '')}: nside {s['nside']}, {s['realizations']} realisations, "
-        f"tΩ up to {s['t_omega_last']:.4g}, wall {s['wall_s']:.1f} s",
-        f"  K_par  = {s['K_par']:.4g} ± {s['K_par_stderr']:.2g} Lc c   (λ_par = 3K = "
-        f"{s['lambda_par']:.3g} Lc)",
-        f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
-        f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})",
-        f"  relative diffusion (2.4): K~_par = {s['Ktilde_par']:.4g}, K~_perp = "
-        f"{s['Ktilde_perp']:.4g} Lc c",
+        (f"crjax {s.get('preset', '')}: nside {s['nside']}, {s['realizations']} realisations, "
+         f"tΩ up to {s['t_omega_last']:.4g}, wall {s['wall_s']:.1f} s"),
+        (f"  K_par  = {s['K_par']:.4g} ± {s['K_par_stderr']:.2g} Lc c   (λ_par = 3K = "
+         f"{s['lambda_par']:.3g} Lc)"),
+        (f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
+         f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})"),
+        (f"  relative diffusion (2.4): K~_par = {s['Ktilde_par']:.4g}, K~_perp = "
+         f"{s['Ktilde_perp']:.4g} Lc c"),
     ]
     for side, name in (("par", "∇n ∥ B0"), ("perp", "∇n ⊥ B0")):
         c, f = s[f"convergence_{side}"], s[f"fit_{side}"]

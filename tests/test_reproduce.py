@@ -174,7 +174,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_writes_everything(tiny_run):
-    out, summary = tiny_run
+    out, _ = tiny_run
     for f in ("params.json", "results.npz", "summary.json", "fig2.png", "fig3.png", "skymap.png",
               "chunk_00000.npz", "chunk_00001.npz"):
         assert (out / f).stat().st_size > 0, f
