@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 
 from . import angular
 from .presets import Preset
@@ -31,7 +32,7 @@ __all__ = ["CHUNK_DELAY_ENV", "gradient_directions", "run_params", "simulate"]
 CHUNK_DELAY_ENV = "CRJAX_TEST_CHUNK_DELAY"  # test hook: seconds to sleep before every chunk but the first
 
 
-def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+def gradient_directions(preset: Preset) -> tuple[Float[np.ndarray, " 3"], Float[np.ndarray, " 3"]]:
     """g ∥ B0 and g ⊥ B0, each of magnitude ``preset.grad`` (1/Lc), shape (3,).
 
     The perpendicular one is x̂ made orthogonal to b̂0 (ŷ if b̂0 ∥ x̂)."""

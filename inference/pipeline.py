@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 from scipy import stats
 
 from crjax import angular, plot, transport
@@ -53,7 +54,9 @@ __all__ = [
 CONVERGENCE_SPAN = 2.0  # compare Ĉ_ℓ/Ĉ_1 at T_last with the save time ≤ T_last / CONVERGENCE_SPAN
 
 
-def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
+def _ratio_and_error(
+    cls: Float[np.ndarray, "nreal ntimes ell"], noise: Float[np.ndarray, " ntimes"]
+) -> tuple[Float[np.ndarray, "ntimes ell"], Float[np.ndarray, "ntimes ell"]]:
     """R_ℓ = Ĉ_ℓ/Ĉ_1 and its 1σ error by the delta method over realisations.
 
     ``cls`` (n, nt, L+1) per-realisation spectra, ``noise`` (nt,). N is taken as exact, so
@@ -70,7 +73,12 @@ def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
     return r, np.sqrt(np.maximum(var_r, 0.0))
 
 
-def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: int) -> dict:
+def _convergence(
+    t_omega: Float[np.ndarray, " ntimes"],
+    r: Float[np.ndarray, "ntimes ell"],
+    err: Float[np.ndarray, "ntimes ell"],
+    ell_hi: int,
+) -> dict:
     """The documented criterion (module docstring) on R_ℓ, 2 ≤ ℓ ≤ ell_hi."""
     last = len(t_omega) - 1
     prev = np.flatnonzero(t_omega <= t_omega[-1] / CONVERGENCE_SPAN)
