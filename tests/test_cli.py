@@ -170,6 +170,14 @@ def test_corrupt_params_json_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, rc, "params.json", "not valid JSON")
     rc = cli.main(["plot", "--run", str(tmp_path)])
     _one_line_error(capsys, rc, "params.json", "not valid JSON")
+    # valid JSON, but not a preset's parameters (a key missing, a value out of range)
+    for params in ({"nside": 2, "n_items": 3, "chunk_size": 2},
+                   {**run_params(tiny()), "nside": 3}):
+        (tmp_path / "params.json").write_text(json.dumps({"params": params}))
+        rc = cli.main(["reproduce", "--preset", "tiny", "--out", str(tmp_path)])
+        _one_line_error(capsys, rc, "params.json", "stored parameters are not valid")
+        rc = cli.main(["plot", "--run", str(tmp_path)])
+        _one_line_error(capsys, rc, "params.json", "not valid run parameters")
 
 
 # ----------------------------------------------------------------------------------------------
