@@ -231,7 +231,7 @@ def _check_fit_args(args) -> None:
 
 def _fit(args) -> int:
     _check_fit_args(args)
-    from .fit import fit_spectrum_file
+    from .report import fit_spectrum_file
 
     try:
         fit_spectrum_file(

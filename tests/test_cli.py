@@ -216,14 +216,16 @@ def _spectrum_files(tmp_path):
     files = {
         "missing": (tmp_path / "nope.txt", ["nope.txt", "does not exist"]),
         "directory": (tmp_path, ["not a regular file"]),
-        "empty": (tmp_path / "empty.txt", ["empty.txt", "no data rows"]),
-        "binary": (tmp_path / "bin.dat", ["bin.dat", "not a UTF-8 text file"]),
+        "empty": (tmp_path / "empty.txt", ["empty.txt", "the file is empty"]),
+        "binary": (tmp_path / "bin.dat", ["bin.dat", "binary content"]),
+        "latin-1": (tmp_path / "latin.txt", ["latin.txt"]),
         "columns": (tmp_path / "cols.txt", ["cols.txt:", "expected 4 columns"]),
         "nan": (tmp_path / "nan.txt", ["nan.txt:", "must be finite"]),
         "text": (tmp_path / "text.txt", ["text.txt:", "not a number"]),
     }
     files["empty"][0].write_text("")
     files["binary"][0].write_bytes(bytes(range(256)) * 4)
+    files["latin-1"][0].write_bytes(("# experiment: Málaga\n" + rows[0] + "\n").encode("latin-1"))
     files["columns"][0].write_text("\n".join(header + [" ".join(rows[0].split()[:3])]) + "\n")
     r = rows[0].split()
     files["nan"][0].write_text("\n".join(header + [" ".join([r[0], "nan", *r[2:]])]) + "\n")
@@ -231,8 +233,8 @@ def _spectrum_files(tmp_path):
     return files
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "empty", "binary", "columns", "nan",
-                                  "text"])
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "binary", "latin-1", "columns",
+                                  "nan", "text"])
 def test_bad_spectrum_file_is_one_line(case, tmp_path, capsys):
     path, words = _spectrum_files(tmp_path)[case]
     rc = cli.main(["fit", str(path), "--quiet"])
