@@ -133,7 +133,8 @@ def _ring_tables_np(nside: int, lmax: int):
         pixels = (start[members][:, None] + np.arange(n)[None, :]).astype(np.int32)
         k = m % n
         flip = k > n // 2
-        groups.append((pixels, np.where(flip, n - k, k).astype(np.int32), np.where(flip, -1.0, 1.0)))
+        kk = np.where(flip, n - k, k).astype(np.int32)
+        groups.append((pixels, kk, np.where(flip, -1.0, 1.0)))
         order.append(members)
     order = np.concatenate(order)
     mphi = phi0[order][:, None] * m[None, :]

@@ -140,7 +140,7 @@ def declination_band_mask(
     *,
     pole: ArrayLike | tuple[float | int, ...] = (0.0, 0.0, 1.0),
     dtype=None,
-) -> Float[Array, "npix"]:
+) -> Float[Array, " npix"]:
     """Binary sky mask in crjax pixel order: 1 where the *arrival* direction's declination lies in
     [dec_min, dec_max] (degrees).
 

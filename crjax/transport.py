@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -104,7 +104,8 @@ def diffusion_tensor(
 def diffusion_tensor_from_moments(
     moments: ArrayLike, times: ArrayLike
 ) -> tuple[Float[Array, "ntimes 3 3"], Float[Array, "ntimes 3 3"]]:
-    """K and its standard error over realisations from per-realisation ⟨r_i r_j⟩ (``second_moments``).
+    """K and its standard error over realisations from per-realisation ⟨r_i r_j⟩
+    (``second_moments``).
 
     ``moments`` (nreal, ntimes, 3, 3); for nreal = 1 the error is returned as NaN (unknown).
     """
@@ -123,7 +124,7 @@ def diffusion_tensor_from_moments(
 
 
 def parallel_perpendicular(
-    K: ArrayLike, b0_direction: ArrayLike
+    K: ArrayLike, b0_direction: ArrayLike | Sequence[float | int]
 ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """K_∥ = b̂·K·b̂ and K_⊥ = (tr K − K_∥)/2 for the regular-field direction b̂ (normalised here).
 
@@ -270,7 +271,7 @@ def _binned_sums(r, d, edges, nbins: int, chunk: int):
 def binned_relative_dispersion(
     positions: ArrayLike,
     *,
-    bins: int | ArrayLike = 10,
+    bins: int | ArrayLike | Sequence[float | int] = 10,
     chunk_size: int | None = None,
 ) -> BinnedDispersion:
     """⟨Δr_i Δr_j⟩ = ⟨(r1 − r2)_i (r1 − r2)_j⟩ over pixel pairs binned in x = p̂1·p̂2 (seed (2.4)).

@@ -201,10 +201,15 @@ def _check_unbiased(nside, nreal, p, seed):
     return maps, S, delta, est
 
 
-def test_spectrum_estimate_unbiased_small():
+@pytest.fixture(scope="module")
+def bgk_nside8():
+    """The default tier's nside-8 check (p = 1/2, 150 maps), shared with the bias test below."""
+    return _check_unbiased(8, 150, 0.5, 0)
+
+
+def test_spectrum_estimate_unbiased_small(bgk_nside8):
     # default tier: nside 4 and 8, p = 1/2, 150 maps (nu = 8 and 16 bins, R >> nu)
-    for nside in (4, 8):
-        _check_unbiased(nside, 150, 0.5, 0)
+    _check_unbiased(4, 150, 0.5, 0)
 
 
 @pytest.mark.slow
@@ -216,11 +221,11 @@ def test_spectrum_estimate_unbiased(nside, p):
     _check_unbiased(nside, 400, p, 1)
 
 
-def test_seed_estimator_low_by_constant_delta():
-    # The issue's cause 1 on the same kind of maps: <C_l> - N with N = (4 pi/Npix) <dI^2> (3.1;
+def test_seed_estimator_low_by_constant_delta(bgk_nside8):
+    # The issue's cause 1 on the same maps: <C_l> - N with N = (4 pi/Npix) <dI^2> (3.1;
     # 2T g.K.g is the pixel variance of dI) is S_l - delta at every l, delta = sum(2l+1)S_l/Npix.
-    nside, nreal = 8, 150
-    maps, S, delta = _check_unbiased(nside, nreal, 0.5, 2)[:3]
+    nside = 8
+    maps, S, delta = bgk_nside8[:3]
     npix = 12 * nside**2
     N = 4 * np.pi / npix * np.mean(maps**2)
     seed = spectrum_estimator(power_spectrum(maps, lmax=2 * nside), N)
@@ -250,10 +255,9 @@ def test_tensor_estimate_contracts_to_scalar_estimate():
         con = t.contract(g)
         # same quadratic forms summed in another order: fp64 round-off (~1e-15 relative); the
         # offsets cancel part of C_l, so compare on the scale of the samples
-        scale = np.abs(np.asarray(direct.samples)).max()
-        for a, b in zip(con, direct):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * scale**2 if a.ndim > 2 and
-                                       a is con.covariance else 1e-12 * scale)
+        for a, b in zip(con, direct, strict=True):
+            scale = np.abs(np.asarray(b)).max()
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_spectrum_estimate_masked_removes_scatter():
@@ -276,10 +280,11 @@ def test_spectrum_estimate_gradient_and_bad_input():
     m = jnp.asarray(_rng(44).normal(size=(3, 2, 48)))
     w = jnp.linspace(0.5, 1.5, 3)
     # finite differences (fp64, quadratic in the maps): check_grads' default tolerances
-    check_grads(lambda x: jnp.sum(spectrum_estimate(x, lmax=2).estimate @ w), (m,), order=1,
-                modes=["rev"])
-    check_grads(lambda x: jnp.sum(spectrum_estimate(x, lmax=2).covariance), (m,), order=1,
-                modes=["rev"])
+    def f(x):
+        e = spectrum_estimate(x, lmax=2)
+        return jnp.sum(e.estimate @ w) + jnp.sum(e.covariance)
+
+    check_grads(jax.jit(f), (m,), order=1, modes=["rev"])
     with pytest.raises(ValueError, match="R >= 2"):
         spectrum_estimate(jnp.ones((1, 48)))
     with pytest.raises(ValueError, match="maps must have shape"):
@@ -294,9 +299,10 @@ def test_spectrum_estimate_gradient_and_bad_input():
         spectrum_estimate(jnp.ones((2, 48)), mask=jnp.zeros(48), offset=False)
     with pytest.raises(ValueError, match="positions must have shape"):
         cross_spectrum_estimate(jnp.ones((2, 48)))
+    est = spectrum_estimate(m, lmax=2)  # R = 3
     with pytest.raises(ValueError, match="n_bins"):
-        spectrum_estimate(m).hartlap_factor(3)
-    assert spectrum_estimate(jnp.asarray(_rng(45).normal(size=(10, 48)))).hartlap_factor(4) == 4 / 9
+        est.hartlap_factor(1)
+    assert spectrum_estimate(jnp.concatenate([m, m, m, m]), lmax=2).hartlap_factor(3) == 7 / 11
     with pytest.raises(ValueError, match="realisation axis"):
         mean_power_spectrum(jnp.ones((1, 48)))
 
@@ -316,6 +322,8 @@ def test_seed_parameters_convergence():
                       chunk_size=4)
     r = tr.positions  # (nreal, ntimes, npix, 3)
     K, _ = diffusion_tensor(r, times)
+    K_rel, _ = relative_diffusion_tensor(r, times)
+    K, K_rel = np.asarray(K), np.asarray(K_rel)
     lines = []
     for name, g in (("par", jnp.array([0.0, 0.0, 1.0])), ("perp", jnp.array([1.0, 0.0, 0.0]))):
         cls = power_spectrum(relative_intensity(r, g))  # (nreal, ntimes, 24)
@@ -330,10 +338,23 @@ def test_seed_parameters_convergence():
         for ell in (1, 2, 5, 9):
             lines.append(f"  l={ell}: Chat={chat[:, ell]} +- {sig[:, ell]}")
         # N ∝ T g.K(T).g: slope 1 once K has converged. Measured 1.29 (par) / 0.93 (perp) over
-        # tOmega 50..200: K_par is still rising there, so the band is wide; C0 ∝ T likewise, with
-        # larger scatter (8 realisations of a chi^2_1-like monopole): measured 0.70 / 0.96.
+        # tOmega 50..200: K_par is still rising there, so the band is wide.
         assert 0.7 < slope_n < 1.5
-        assert 0.4 < slope_c0 < 1.6
+        # <C_0> (was: slope in 0.4..1.6, measured 0.62-0.70 / 0.96). The statistics do not allow
+        # any slope band: 8 chi^2_1-like monopoles give a jackknife error of ~0.5 on the slope
+        # (measured 0.54 for g || B0; printed), so 0.4..1.6 was narrower than 1 sigma either way
+        # and is dropped. What is sharp: (2.6) holds exactly in pixels, <C_0>/4pi =
+        # 2T g.(K - K~).g, with C_0 from the harmonic transform and K, K~ from the positions by
+        # separate code (crjax.transport); fp64 round-off of sums over 768 pixels: rtol 1e-9.
+        np.testing.assert_allclose(
+            c0 / (4 * np.pi), 2 * np.asarray(times) * np.einsum("tij,i,j->t", K - K_rel, g, g),
+            rtol=1e-9,
+        )
+        per = np.asarray(cls[:, 1:, 0])  # (nreal, 4)
+        loo = (per.sum(0)[None] - per) / (nreal - 1)
+        reps = np.array([np.polyfit(np.log(tomega[1:]), np.log(x), 1)[0] for x in loo])
+        sd = np.sqrt((nreal - 1) / nreal * np.sum((reps - reps.mean()) ** 2))
+        lines.append(f"  slope(C0) jackknife error {sd:.2f}")
         # the dipole has levelled off while the noise keeps growing (tOmega 100 -> 200)
         assert n[4] / n[2] > 1.6 and chat[4, 1] / chat[2, 1] < 1.3
         # levelling off: between tOmega 100 and 200 C_hat_l (l = 1..9) changes by much less than

@@ -170,6 +170,8 @@ def test_bad_input_raises():
         relative_intensity(jnp.ones((48, 3)), jnp.ones(3), K=jnp.eye(3))
     with pytest.raises(ValueError, match="mask is zero at every pixel"):
         power_spectrum(jnp.ones(48), mask=jnp.zeros(48))
+    with pytest.raises(ValueError, match="contains no pixel centre"):
+        declination_band_mask(1, 89.0, 90.0)  # nside-1 pixel centres reach dec 41.8 deg at most
     with pytest.raises(ValueError, match="mask is zero at every pixel"):
         sky_fraction(jnp.zeros(48))
     with pytest.raises(ValueError, match="positions must have shape"):
