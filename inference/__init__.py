@@ -7,7 +7,6 @@ likelihoods), ``ml`` (optax maximum likelihood + Laplace), ``nuts`` (numpyro NUT
 """
 
 import crjax as _crjax  # noqa: F401  (enables float64 before any inference code runs)
-
 from inference.covariance_fit import (
     fit_p_covariance,
     p_by_ell_range,

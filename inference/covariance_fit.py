@@ -42,6 +42,7 @@ import functools
 import math
 import numbers
 from collections.abc import Iterable
+from numbers import Real
 
 import numpy as np
 from jaxtyping import ArrayLike
@@ -71,7 +72,7 @@ ALTERNATIVE_FAMILIES = {
 }
 
 
-def dodelson_schneider_factor(n_realisations: int, n_multipoles: int, n_params: int = 2) -> float:
+def dodelson_schneider_factor(n_realisations: Real, n_multipoles: Real, n_params: int = 2) -> float:
     """m = 1 + B (L − k), B = (R − L − 2)/((R − L − 1)(R − L − 4)): the factor by which the noise of a
     Hartlap-corrected precision inflates the variance of k fitted parameters (Dodelson & Schneider 2013).
     Needs R ≥ L + 5 (ValueError otherwise)."""
@@ -342,10 +343,10 @@ def fit_p_covariance(
     ell: ArrayLike,
     estimate: ArrayLike,
     covariance: ArrayLike,
-    n_realisations: int,
+    n_realisations: Real,
     *,
-    lmin: int = 1,
-    lmax: int | None = None,
+    lmin: Real = 1,
+    lmax: Real | None = None,
 ) -> CovarianceFit:
     """Fit A · bgk_spectrum(ℓ, p) (4.7) to Ĉ_ℓ on its full covariance (module docstring for the choices).
 
@@ -383,10 +384,10 @@ def p_by_ell_range(
     ell: ArrayLike,
     estimate: ArrayLike,
     covariance: ArrayLike,
-    n_realisations: int,
+    n_realisations: Real,
     *,
-    lmin: int = 1,
-    lmax_values: Iterable[int] | None = None,
+    lmin: Real = 1,
+    lmax_values: Iterable | None = None,
 ) -> list[CovarianceFit]:
     """``fit_p_covariance`` for each fitted range lmin..ℓmax, ℓmax in ``lmax_values``.
 
@@ -428,7 +429,9 @@ def _fit_tilted(sel: _Selected, psi: np.ndarray, p0: float) -> FamilyFit:
     lp0 = math.log(p0 / (1 - p0))
     for b0 in (0.0, -0.6, 2.0, 10.0):
         r = optimize.minimize(
-            chi2, [lp0, math.log(b0 + 0.95)], method="Nelder-Mead",
+            chi2,
+            [lp0, math.log(b0 + 0.95)],
+            method="Nelder-Mead",
             options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 2000},
         )
         if best is None or r.fun < best.fun:
@@ -452,10 +455,10 @@ def compare_nu_families(
     ell: ArrayLike,
     estimate: ArrayLike,
     covariance: ArrayLike,
-    n_realisations: int,
+    n_realisations: Real,
     *,
-    lmin: int = 1,
-    lmax: int | None = None,
+    lmin: Real = 1,
+    lmax: Real | None = None,
 ) -> list[FamilyFit]:
     """BGK and the alternative ν_r families (``ALTERNATIVE_FAMILIES``) fitted on the full covariance.
 
@@ -471,8 +474,15 @@ def compare_nu_families(
     bgk = _fit_selected(sel)
     psi = hartlap_precision(sel.covariance, sel.n_realisations)
     return [
-        FamilyFit("bgk", "nu_r ∝ (1-x)^p (seed eq. 4.7)", {"p": bgk.p}, bgk.amplitude,
-                  bgk.chi2, bgk.dof, bgk.pvalue),
+        FamilyFit(
+            "bgk",
+            "nu_r ∝ (1-x)^p (seed eq. 4.7)",
+            {"p": bgk.p},
+            bgk.amplitude,
+            bgk.chi2,
+            bgk.dof,
+            bgk.pvalue,
+        ),
         _fit_tilted(sel, psi, min(max(bgk.p, 0.02), 0.98)),
     ]
 
@@ -481,11 +491,11 @@ def summarise_fit(
     ell: ArrayLike,
     estimate: ArrayLike,
     covariance: ArrayLike,
-    n_realisations: int,
+    n_realisations: Real,
     *,
-    lmin: int = 1,
-    lmax: int | None = None,
-    lmax_values: Iterable[int] | None = None,
+    lmin: Real = 1,
+    lmax: Real | None = None,
+    lmax_values: Iterable | None = None,
 ) -> dict:
     """The pipeline's fit of an ensemble estimate, as a JSON-ready dict (for ``summary.json``):
 

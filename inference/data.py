@@ -36,6 +36,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 
@@ -135,7 +136,9 @@ class Spectrum:
                 )
         if self.noise_subtracted is not True and np.any(arrays["cl"] < 0):
             r = int(np.argmax(arrays["cl"] < 0))
-            raise ValueError(f"{where}: " + _negative_raw_message(int(ell[r]), float(arrays["cl"][r])))
+            raise ValueError(
+                f"{where}: " + _negative_raw_message(int(ell[r]), float(arrays["cl"][r]))
+            )
         order = np.argsort(ell, kind="stable")
         object.__setattr__(self, "ell", ell[order])
         for k, v in arrays.items():
@@ -152,7 +155,7 @@ class Spectrum:
         """Header entries that are set, in HEADER_KEYS order."""
         return {k: getattr(self, k) for k in HEADER_KEYS if getattr(self, k) is not None}
 
-    def select(self, lmin: int | None = None, lmax: int | None = None) -> Spectrum:
+    def select(self, lmin: Real | None = None, lmax: Real | None = None) -> Spectrum:
         """The rows with lmin ≤ ℓ ≤ lmax (inclusive; None = no bound). ValueError if none remain."""
         lo = int(self.ell.min()) if lmin is None else lmin
         hi = int(self.ell.max()) if lmax is None else lmax
@@ -329,7 +332,7 @@ def _parse_header(comments, path: str) -> dict:
 def _data_line_numbers(text: str, rows) -> dict:
     """Line numbers of the data rows with the given indices (0-based, in file order): one linear pass,
     used only to name the line of an error."""
-    wanted = sorted(set(int(r) for r in rows))
+    wanted = sorted({int(r) for r in rows})
     found, k = {}, 0
     for lineno, line in enumerate(text.split("\n"), start=1):
         s = line.strip()
@@ -376,7 +379,7 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
     the rows only to name the line of an error (2 million rows: a few seconds).
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a file path; got {path!r}")
+        raise ValueError(f"path must be a file path; got {path!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
     path = os.fspath(path)
     text = _read_text(path)
     meta = _parse_header(_comment_lines(text, path), path)
@@ -424,9 +427,7 @@ def load_spectrum(path: str | os.PathLike) -> Spectrum:
     if meta.get("noise_subtracted") is not True and np.any(cl < 0):
         r = int(np.argmax(cl < 0))
         fail(r, _negative_raw_message(int(ell[r]), float(cl[r])))
-    return Spectrum(
-        ell=ell, cl=cl, err_lo=table[:, 2], err_hi=table[:, 3], path=path, **meta
-    )
+    return Spectrum(ell=ell, cl=cl, err_lo=table[:, 2], err_hi=table[:, 3], path=path, **meta)
 
 
 def _negative_raw_message(ell: int, value: float) -> str:

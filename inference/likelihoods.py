@@ -48,6 +48,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
+from numbers import Real
 from typing import NamedTuple
 
 import jax
@@ -295,7 +296,7 @@ def _wls_amplitude(prep: _Prepared, p: float, free_noise: bool, weights: np.ndar
 # full covariance
 
 
-def hartlap_factor(n_realisations: int, n_multipoles: int) -> float:
+def hartlap_factor(n_realisations: Real, n_multipoles: Real) -> float:
     """Hartlap, Simon & Schneider (2007, A&A 464, 399) factor h = (R − L − 2)/(R − 1).
 
     For R independent Gaussian realisations and an L × L sample covariance Σ̂, E[Σ̂⁻¹] = Σ⁻¹/h, so h Σ̂⁻¹

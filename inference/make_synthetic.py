@@ -83,7 +83,9 @@ def _check_real(name, v, lo, *, strict):
     ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
     ok = ok and np.isfinite(v) and (v > lo if strict else v >= lo)
     if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lo}; got {v!r}")
+        raise ValueError(
+            f"{name} must be a finite number {'>' if strict else '>='} {lo}; got {v!r}"
+        )
 
 
 def synthetic_maps(
@@ -109,7 +111,11 @@ def synthetic_maps(
     if not (isinstance(p, (int, float)) and 0 < p < 1):
         raise ValueError(f"p must lie in (0, 1); got {p!r}")
     for name, v in (("nside", nside), ("n_realisations", n_realisations), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "seed" else 1):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, np.integer))
+            or v < (0 if name == "seed" else 1)
+        ):
             raise ValueError(f"{name} must be a non-negative integer (>= 1 for {name}); got {v!r}")
     if not hp.isnsideok(nside):
         raise ValueError(f"nside must be a power of two; got {nside}")
@@ -118,10 +124,18 @@ def synthetic_maps(
     lo, hi = noise_range
     _check_real("noise_range[0]", lo, 0.0, strict=False)
     if not (np.isfinite(hi) and hi >= lo):
-        raise ValueError(f"noise_range must be (low, high) with 0 <= low <= high; got {noise_range!r}")
+        raise ValueError(
+            f"noise_range must be (low, high) with 0 <= low <= high; got {noise_range!r}"
+        )
     lmax = 2 * nside if lmax is None else lmax
-    if isinstance(lmax, bool) or not isinstance(lmax, (int, np.integer)) or not 1 <= lmax <= 3 * nside - 1:
-        raise ValueError(f"lmax must be an integer in [1, 3*nside-1 = {3 * nside - 1}]; got {lmax!r}")
+    if (
+        isinstance(lmax, bool)
+        or not isinstance(lmax, (int, np.integer))
+        or not 1 <= lmax <= 3 * nside - 1
+    ):
+        raise ValueError(
+            f"lmax must be an integer in [1, 3*nside-1 = {3 * nside - 1}]; got {lmax!r}"
+        )
     ell = np.arange(lmax + 1)
     s_ell = np.zeros(lmax + 1)
     s_ell[1:] = amplitude * np.asarray(bgk_spectrum(ell[1:], p))

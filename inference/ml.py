@@ -17,7 +17,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,10 @@ from inference.likelihoods import (
     _data,
     _natural,
     _neg2loglike,
-    _Prepared,
     _prepare,
-    _static,
+    _Prepared,
     _Static,
+    _static,
     _wls_amplitude,
 )
 
@@ -191,16 +192,16 @@ def _check_tol(tol) -> None:
 def fit_p_map(
     spectrum: Spectrum,
     *,
-    lmin: int | None = None,
-    lmax: int | None = None,
+    lmin: Real | None = None,
+    lmax: Real | None = None,
     noise: str = "auto",
-    noise_level: float | None = None,
+    noise_level: Real | None = None,
     likelihood: str = "auto",
-    forward: Callable | None = None,
-    forward_lmax: int | None = None,
-    p_grid: int = 19,
-    max_iter: int = 200,
-    tol: float = 1e-8,
+    forward: object = None,  # a callable (checked: ValueError otherwise)
+    forward_lmax: Real | None = None,
+    p_grid: Real = 19,
+    max_iter: Real = 200,
+    tol: Real = 1e-8,
 ) -> MapResult:
     """Maximum-likelihood (p, A, N) of the BGK model (4.7) with a Laplace error (module docstring).
 
@@ -218,15 +219,15 @@ def fit_p_map(
 def fit_p_map_by_lmax(
     spectrum: Spectrum,
     *,
-    lmax_values: Iterable[int] | None = None,
-    lmin: int | None = None,
-    lmax: int | None = None,
+    lmax_values: Iterable | None = None,
+    lmin: Real | None = None,
+    lmax: Real | None = None,
     noise: str = "auto",
-    noise_level: float | None = None,
+    noise_level: Real | None = None,
     likelihood: str = "auto",
-    p_grid: int = 19,
-    max_iter: int = 200,
-    tol: float = 1e-8,
+    p_grid: Real = 19,
+    max_iter: Real = 200,
+    tol: Real = 1e-8,
 ) -> list[MapResult]:
     """``fit_p_map`` for each largest multipole in ``lmax_values`` (the p-by-ℓ-range table of issue 9).
 
@@ -245,7 +246,7 @@ def fit_p_map_by_lmax(
             raise ValueError("lmax_values must name at least one largest multipole; got none")
         for v in lmax_values:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise ValueError(f"lmax_values must be integers; got {v!r}")
+                raise ValueError(f"lmax_values must be integers; got {v!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
         top = max(lmax_values)
     else:
         top = DEFAULT_LMAX_TABLE[-1] if lmax is None else min(DEFAULT_LMAX_TABLE[-1], lmax)

@@ -12,14 +12,14 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from inference.data import Spectrum
-from inference.likelihoods import _chi2_terms, _data, _model, _Prepared, _prepare, _static, _Static
+from inference.likelihoods import _chi2_terms, _data, _model, _prepare, _Prepared, _Static, _static
 
 __all__ = ["NutsResult", "Priors", "fit_p_nuts"]
 
@@ -100,7 +100,8 @@ def _loglike_natural(st: _Static, data: dict, p, log_amp, noise):
     # one jitted call: numpyro's initialisation traces the model eagerly, op by op
     mu = _model(st, data, p, jnp.exp(log_amp), noise)
     return -0.5 * jnp.sum(
-        data["w"] * _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
+        data["w"]
+        * _chi2_terms(st.likelihood, mu, data["x"], data["lo"], data["hi"], data["offset"])
     )
 
 
@@ -123,19 +124,19 @@ def _numpyro_model(st: _Static, priors: Priors):
 def fit_p_nuts(
     spectrum: Spectrum,
     *,
-    lmin: int | None = None,
-    lmax: int | None = None,
+    lmin: Real | None = None,
+    lmax: Real | None = None,
     noise: str = "auto",
-    noise_level: float | None = None,
+    noise_level: Real | None = None,
     likelihood: str = "auto",
-    forward: Callable | None = None,
-    forward_lmax: int | None = None,
-    priors: Priors | None = None,
-    num_warmup: int = 500,
-    num_samples: int = 1000,
-    num_chains: int = 1,
-    seed: int = 0,
-    n_ppc: int = 200,
+    forward: object = None,  # a callable (checked: ValueError otherwise)
+    forward_lmax: Real | None = None,
+    priors: object = None,  # a Priors (checked: ValueError otherwise)
+    num_warmup: Real = 500,
+    num_samples: Real = 1000,
+    num_chains: Real = 1,
+    seed: Real = 0,
+    n_ppc: Real = 200,
 ) -> NutsResult:
     """NUTS posterior of (p, A, N) for the BGK model (4.7); arguments as ``fit_p_map`` plus ``Priors``.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from numbers import Real
 
 import healpy as hp
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def _check_mask(mask) -> np.ndarray:
     return m
 
 
-def fsky_forward(f_sky: float) -> Callable:
+def fsky_forward(f_sky: Real) -> Callable:
     """Crude partial-sky model ⟨C̃_ℓ⟩ ≈ f_sky C_ℓ of an unnormalised pseudo-C_ℓ on a 0/1 mask.
 
     Exact only for spectra that vary little over the mask's coupling width; prefer ``coupling_forward``.
@@ -75,9 +76,7 @@ def _log_wigner3j_000_sq(l1, l2, l3):
     return np.where(ok, val, -np.inf)
 
 
-def mask_coupling_matrix(
-    mask: ArrayLike, lmax: int, *, lmax_in: int | None = None
-) -> np.ndarray:
+def mask_coupling_matrix(mask: ArrayLike, lmax: Real, *, lmax_in: Real | None = None) -> np.ndarray:
     """Pseudo-C_ℓ coupling M (shape (lmax+1, lmax_in+1)): ⟨C̃_ℓ⟩ = Σ_ℓ' M_ℓℓ' C_ℓ' for an isotropic signal
     multiplied by ``mask`` (HEALPix RING map, any weights). M_ℓℓ' = (2ℓ'+1)/(4π) Σ_L (2L+1) W_L
     (ℓ ℓ' L; 0 0 0)², W_L the mask's power spectrum (healpy.anafast; Hivon et al. 2002, ApJ 567, 2).
@@ -101,9 +100,7 @@ def mask_coupling_matrix(
     )
 
 
-def coupling_forward(
-    mask: ArrayLike, lmax: int, *, lmax_in: int | None = None
-) -> Callable:
+def coupling_forward(mask: ArrayLike, lmax: Real, *, lmax_in: Real | None = None) -> Callable:
     """Forward model C_ℓ (ℓ = 0..lmax_in) ↦ pseudo-C_ℓ (ℓ = 0..lmax) of ``mask``; pass as ``forward=``.
 
     The callable carries ``lmax_in`` (the fit evaluates the model up to it). Limitation: the m = 0

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+from numbers import Real
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,7 @@ def plot_fit(
     values; amplitude of each maximising the same likelihood at fixed p). Curves are full-sky models (no
     forward model is drawn). Returns the figure."""
     if not isinstance(spectrum, Spectrum) or not isinstance(result, MapResult):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004  (project convention: every bad input is a ValueError)
             "plot_fit needs an inference.data.Spectrum and an inference.ml.MapResult; got "
             f"{type(spectrum).__name__} and {type(result).__name__}"
         )
@@ -132,7 +133,7 @@ def _check_out_path(name: str, path) -> None:
     if path is None:
         return
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{name} must be a file path; got {path!r}")
+        raise ValueError(f"{name} must be a file path; got {path!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
     p = os.fspath(path)
     if not p or os.path.isdir(p):
         raise ValueError(f"{name}: {p!r} is a directory; give a file path")
@@ -141,7 +142,9 @@ def _check_out_path(name: str, path) -> None:
         raise ValueError(f"{name}: the folder {parent!r} of {p!r} does not exist")
 
 
-def _check_options(noise_level, nuts, num_warmup, num_samples, num_chains, seed, priors, quiet, table):
+def _check_options(
+    noise_level, nuts, num_warmup, num_samples, num_chains, seed, priors, quiet, table
+):
     if noise_level is not None and (
         isinstance(noise_level, bool)
         or not isinstance(noise_level, numbers.Real)
@@ -158,7 +161,7 @@ def _check_options(noise_level, nuts, num_warmup, num_samples, num_chains, seed,
             raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
     for name, v in (("nuts", nuts), ("quiet", quiet), ("table", table)):
         if not isinstance(v, bool):
-            raise ValueError(f"{name} must be True or False; got {v!r}")
+            raise ValueError(f"{name} must be True or False; got {v!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
     if priors is not None and not isinstance(priors, Priors):
         raise ValueError(f"priors must be an inference.nuts.Priors; got {type(priors).__name__}")
 
@@ -166,17 +169,17 @@ def _check_options(noise_level, nuts, num_warmup, num_samples, num_chains, seed,
 def fit_spectrum_file(
     path: str | os.PathLike,
     *,
-    lmin: int | None = None,
-    lmax: int | None = None,
+    lmin: Real | None = None,
+    lmax: Real | None = None,
     noise: str = "auto",
-    noise_level: float | None = None,
+    noise_level: Real | None = None,
     likelihood: str = "auto",
     nuts: bool = False,
-    num_warmup: int = 500,
-    num_samples: int = 1000,
-    num_chains: int = 1,
-    seed: int = 0,
-    priors: Priors | None = None,
+    num_warmup: Real = 500,
+    num_samples: Real = 1000,
+    num_chains: Real = 1,
+    seed: Real = 0,
+    priors: object = None,  # a Priors (checked: ValueError otherwise)
     plot: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     quiet: bool = False,
@@ -188,7 +191,9 @@ def fit_spectrum_file(
     dict. Every option and the file are checked (ValueError naming the option, or the file and line)
     before anything is fitted or written.
     """
-    _check_options(noise_level, nuts, num_warmup, num_samples, num_chains, seed, priors, quiet, table)
+    _check_options(
+        noise_level, nuts, num_warmup, num_samples, num_chains, seed, priors, quiet, table
+    )
     _check_out_path("output", output)
     _check_out_path("plot", plot)
     spectrum = load_spectrum(path)
@@ -291,8 +296,11 @@ def format_covariance_summary(summary: dict) -> str:
     b = summary["bgk"]
     lo, hi = b["p_interval_68"]
     lines = [
-        f"  BGK (full covariance, Hartlap factor {b['hartlap_factor']:.3f}, R = {b['n_realisations']}): "
-        f"p = {b['p']:.4f}, 68% [{lo:.4f}, {hi:.4f}] ({b['interval_method']})",
+        (
+            f"  BGK (full covariance, Hartlap factor {b['hartlap_factor']:.3f}, "
+            f"R = {b['n_realisations']}): p = {b['p']:.4f}, 68% [{lo:.4f}, {hi:.4f}] "
+            f"({b['interval_method']})"
+        ),
         f"        chi2 = {b['chi2']:.2f} for {b['dof']} dof (p-value {b['pvalue']:.3g})",
     ]
     if summary.get("by_lmax"):

@@ -184,8 +184,6 @@ def test_missing_directory_empty_and_binary_files(tmp_path):
     latin.write_bytes(b"# experiment: M\xfcnchen\n1 1e-6 1e-7 1e-7\n")
     with pytest.raises(ValueError, match=r"latin1.txt:1: not UTF-8 text \(byte 0xfc"):
         load_spectrum(latin)
-    with pytest.raises(ValueError, match="path must be a file path"):
-        load_spectrum(3)
 
 
 @pytest.mark.parametrize(
@@ -197,10 +195,14 @@ def test_missing_directory_empty_and_binary_files(tmp_path):
         ("1 1e-6 1e-7 1e-7 # a note\n", r"spec.txt:2: '#' after data on the same line"),
         ("1 1e-6 1e-7 1e-7\n2 2e-6 1e-7\n", r"spec.txt:3: expected 4 columns"),
         ("1,1e-6,1e-7,1e-7\n", r"spec.txt:2: expected 4 columns"),
-        ("3 1e-6 1e-7 1e-7\n1 1e-6 1e-7 1e-7\n2 1e-6 1e-7 1e-7\n1 1e-6 1e-7 1e-7\n",
-         r"spec.txt:5: duplicate multipole ell = 1 \(first at line 3\)"),
-        ("1 1e-6 1e-7 1e-7\n2 -3e-8 1e-7 1e-7\n",
-         r"spec.txt:3: C_ell = -3e-08 < 0 at ell = 2, but the spectrum is not marked 'noise_subtracted: true'"),
+        (
+            "3 1e-6 1e-7 1e-7\n1 1e-6 1e-7 1e-7\n2 1e-6 1e-7 1e-7\n1 1e-6 1e-7 1e-7\n",
+            r"spec.txt:5: duplicate multipole ell = 1 \(first at line 3\)",
+        ),
+        (
+            "1 1e-6 1e-7 1e-7\n2 -3e-8 1e-7 1e-7\n",
+            r"spec.txt:3: C_ell = -3e-08 < 0 at ell = 2, but the spectrum is not marked 'noise_subtracted: true'",
+        ),
     ],
 )
 def test_bad_rows_more(tmp_path, body, message):
@@ -211,12 +213,16 @@ def test_bad_rows_more(tmp_path, body, message):
 def test_negative_raw_spectrum_refused_noise_subtracted_accepted(tmp_path):
     body = "1 1e-6 1e-7 1e-7\n2 -3e-8 1e-7 1e-7\n3 1e-8 1e-9 1e-9\n"
     for header in ("# noise_subtracted: false\n", ""):
-        with pytest.raises(ValueError, match="a raw power spectrum is a mean of squared amplitudes"):
+        with pytest.raises(
+            ValueError, match="a raw power spectrum is a mean of squared amplitudes"
+        ):
             load_spectrum(_write(tmp_path, header + body))
     spec = load_spectrum(_write(tmp_path, "# noise_subtracted: true\n" + body))
     assert spec.cl[1] == -3e-8
     with pytest.raises(ValueError, match="spectrum: C_ell = -1.0 < 0 at ell = 2"):
-        Spectrum(ell=np.array([1, 2]), cl=np.array([1.0, -1.0]), err_lo=np.ones(2), err_hi=np.ones(2))
+        Spectrum(
+            ell=np.array([1, 2]), cl=np.array([1.0, -1.0]), err_lo=np.ones(2), err_hi=np.ones(2)
+        )
 
 
 def _count_loader_lines(path, error=None) -> int:
@@ -287,7 +293,11 @@ def test_two_million_rows(tmp_path):
     vals = np.full(n, 1e-6)
     with open(path, "w") as fh:
         fh.write(HEADER)
-        np.savetxt(fh, np.column_stack([ell, vals, vals / 10, vals / 10]), fmt=["%d", "%.6e", "%.6e", "%.6e"])
+        np.savetxt(
+            fh,
+            np.column_stack([ell, vals, vals / 10, vals / 10]),
+            fmt=["%d", "%.6e", "%.6e", "%.6e"],
+        )
     t0 = time.perf_counter()
     spec = load_spectrum(path)
     elapsed = time.perf_counter() - t0

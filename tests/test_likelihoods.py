@@ -43,14 +43,19 @@ def test_hartlap_precision_is_unbiased_wishart_monte_carlo():
     target = np.linalg.inv(sigma)
     # relative MC error of the mean of Wishart inverses ~ √(2/(R−L)) / √n ≈ 0.7%: tolerance 5% of the diagonal
     tol = 0.05 * np.max(np.abs(np.diag(target)))
-    mean_h = np.mean([hartlap_precision(si, R) for si in s[:400]], axis=0)  # the function itself (400 draws)
+    mean_h = np.mean(
+        [hartlap_precision(si, R) for si in s[:400]], axis=0
+    )  # the function itself (400 draws)
     np.testing.assert_allclose(hartlap_factor(R, L) * inv.mean(0), target, atol=tol)
     np.testing.assert_allclose(mean_h, target, atol=3 * tol)
     assert np.all(np.diag(inv.mean(0)) > 1.5 * np.diag(target))  # the uncorrected inverse is biased
 
 
 def test_hartlap_refusals():
-    with pytest.raises(ValueError, match=r"n_realisations=7 is too small for a covariance of 5 multipoles.*>= n_multipoles \+ 3 = 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_realisations=7 is too small for a covariance of 5 multipoles.*>= n_multipoles \+ 3 = 8",
+    ):
         hartlap_factor(7, 5)
     with pytest.raises(ValueError, match="n_realisations must be an integer >= 2"):
         hartlap_factor(10.5, 3)
@@ -67,7 +72,8 @@ def test_profiled_chi2_equals_brute_force_minimum():
     psi = a @ a.T + np.eye(L)
     chi2, amp = (np.asarray(v) for v in profiled_chi2(f, c, psi))
     for k in range(3):
-        best = optimize.minimize_scalar(lambda A: (c - A * f[k]) @ psi @ (c - A * f[k]))
+        fk = f[k]
+        best = optimize.minimize_scalar(lambda A, fk=fk: (c - A * fk) @ psi @ (c - A * fk))
         # the brute-force 1-D minimiser stops at |ΔA| ~ 1e-8 relative: χ² agrees to ~1e-12
         np.testing.assert_allclose(chi2[k], best.fun, rtol=1e-9)
         np.testing.assert_allclose(amp[k], best.x, rtol=1e-6)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from inference.make_synthetic import EXAMPLE_PATH
-from inference.report import format_covariance_summary, format_p_table, fit_spectrum_file
+from inference.report import fit_spectrum_file, format_covariance_summary, format_p_table
 
 
 def test_fit_file_outputs_and_table(tmp_path, capsys):
@@ -31,8 +31,9 @@ def test_fit_file_outputs_and_table(tmp_path, capsys):
 
 def test_report_without_table_rows(tmp_path):
     """Data at ℓ = 19..30 only (12 multipoles: the compiled shape of the test above) allow no ℓmax ≤ 12."""
-    lines = [ln for ln in open(EXAMPLE_PATH).read().splitlines()
-             if ln.startswith("#") or int(ln.split()[0]) >= 19]
+    with open(EXAMPLE_PATH) as fh:
+        text = fh.read()
+    lines = [ln for ln in text.splitlines() if ln.startswith("#") or int(ln.split()[0]) >= 19]
     path = tmp_path / "high_ell.txt"
     path.write_text("\n".join(lines) + "\n")
     rep = fit_spectrum_file(path, quiet=True, table=True)
@@ -48,7 +49,6 @@ def test_report_without_table_rows(tmp_path):
         ({"num_samples": 1}, "num_samples must be an integer >= 2"),
         ({"num_chains": 2.0}, "num_chains must be an integer >= 1"),
         ({"seed": -3}, "seed must be an integer >= 0"),
-        ({"nuts": "yes"}, "nuts must be True or False"),
         ({"priors": {"p_low": 0.1}}, "priors must be an inference.nuts.Priors"),
         ({"output": "/nonexistent-dir/x.json"}, "output: the folder '/nonexistent-dir' of"),
         ({"plot": "/nonexistent-dir/x.png"}, "plot: the folder '/nonexistent-dir' of"),
@@ -78,17 +78,40 @@ def test_bad_file_named(tmp_path):
 
 def test_format_tables():
     rows = [
-        {"lmin": 1, "lmax": 4, "p": 0.5, "p_interval_68": [0.4, 0.6], "chi2": 1.0, "dof": 2,
-         "pvalue": 0.6}
+        {
+            "lmin": 1,
+            "lmax": 4,
+            "p": 0.5,
+            "p_interval_68": [0.4, 0.6],
+            "chi2": 1.0,
+            "dof": 2,
+            "pvalue": 0.6,
+        }
     ]
     text = format_p_table(rows)
     assert "1..4" in text and "0.500" in text and "[ 0.400,  0.600]" in text
     summary = {
-        "bgk": {"hartlap_factor": 0.9, "n_realisations": 100, "p": 0.5, "p_interval_68": [0.45, 0.55],
-                "interval_method": "profile likelihood", "chi2": 3.0, "dof": 2, "pvalue": 0.22},
+        "bgk": {
+            "hartlap_factor": 0.9,
+            "n_realisations": 100,
+            "p": 0.5,
+            "p_interval_68": [0.45, 0.55],
+            "interval_method": "profile likelihood",
+            "chi2": 3.0,
+            "dof": 2,
+            "pvalue": 0.22,
+        },
         "by_lmax": rows,
-        "families": [{"family": "tilted", "params": {"p": 0.5, "b": 1.0}, "chi2": 1.0, "dof": 1,
-                      "pvalue": 0.3, "fits": True}],
+        "families": [
+            {
+                "family": "tilted",
+                "params": {"p": 0.5, "b": 1.0},
+                "chi2": 1.0,
+                "dof": 1,
+                "pvalue": 0.3,
+                "fits": True,
+            }
+        ],
         "statement": "BGK fits.",
     }
     text = format_covariance_summary(summary)
