@@ -195,9 +195,9 @@ def _check_fit_args(args) -> None:
         raise ValueError(f"--lmin must be an integer >= 0; got {args.lmin}")
     if args.lmax is not None and args.lmax < max(1, args.lmin or 0):
         raise ValueError(f"--lmax must be an integer >= max(1, --lmin); got {args.lmax}")
-    for opt in ("num_warmup", "num_samples", "num_chains"):
-        if getattr(args, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be an integer >= 1; "
+    for opt, lo in (("num_warmup", 1), ("num_samples", 2), ("num_chains", 1)):
+        if getattr(args, opt) < lo:
+            raise ValueError(f"--{opt.replace('_', '-')} must be an integer >= {lo}; "
                              f"got {getattr(args, opt)}")
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be an integer in [0, 2**32); got {args.seed}")

@@ -244,7 +244,7 @@ def test_bad_spectrum_file_is_one_line(case, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--num-samples", "0"], ["--num-samples", ">= 1"]),
+        (["--num-samples", "1"], ["--num-samples", ">= 2"]),
         (["--num-warmup", "-5"], ["--num-warmup"]),
         (["--num-chains", "0"], ["--num-chains"]),
         (["--lmin", "-1"], ["--lmin"]),
