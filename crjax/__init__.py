@@ -58,7 +58,7 @@ from .transport import (  # noqa: E402
     relative_diffusion_tensor,
 )
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
-from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
+from . import presets, results, runs  # noqa: E402  (the main job: inference.pipeline.reproduce)
 
 __version__ = "0.1.0"
 
@@ -94,12 +94,12 @@ __all__ = [
     "realise_field",
     "relative_diffusion_tensor",
     "relative_intensity",
-    "reproduce",
     "results",
     "run_ensemble",
     "sky_fraction",
     "spectrum_estimate",
     "spectrum_estimator",
+    "runs",
     "spectrum_from_nu",
     "SpectrumEstimate",
     "standard_dipole",

@@ -89,7 +89,7 @@ class Boris(diffrax.AbstractSolver):
     state selects — ~35 µs per step for 1024 particles on CPU) is paid once per K pushes.
 
     No error estimate: use it with ``diffrax.StepTo`` or ``diffrax.ConstantStepSize``. Dense output is
-    linear between steps, so save times should lie on the step grid (``crjax.backtrack`` ensures this).
+    linear between steps, so save times should lie on the step grid (the engine's plan, ``crjax.engine``, ensures this).
     """
 
     substeps: int = eqx.field(static=True, default=1)
