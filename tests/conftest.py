@@ -17,8 +17,8 @@ def _import_all(package: str) -> None:
 
 # Runtime checks of every jaxtyping annotation (shapes and dtypes) in crjax and inference, with
 # beartype: every module is imported inside the hook so that lazily imported ones are checked too.
-# CRJAX_TYPECHECK=1 switches them on (default off while the annotations are being fixed).
-if os.environ.get("CRJAX_TYPECHECK", "0") == "1":
+# CRJAX_TYPECHECK=0 switches them off (e.g. to time a test without them).
+if os.environ.get("CRJAX_TYPECHECK", "1") != "0":
     with install_import_hook(["crjax", "inference"], "beartype.beartype"):
         _import_all("crjax")
         _import_all("inference")

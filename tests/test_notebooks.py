@@ -2,12 +2,13 @@
 
 Each notebook ends with a checks cell that asserts the key numbers it computed (01: the exact
 monopole sum rule (2.6) and the standard-diffusion dipole bound; 02: the fit of the synthetic p = 1/2
-file within 3σ and NUTS next to ML; 03: AD vs finite differences at the shortest horizon) and prints
+file within 3σ and NUTS next to ML; 03: AD vs finite differences at the shortest horizon; 04: the optax recovery of (σ², α) within 3σ
+and a positive-definite Fisher matrix) and prints
 ``CHECKS PASSED`` with them; the test requires that line, so a notebook whose checks were removed
 fails too.
 
 01 (the main story, the `crjax reproduce` pipeline) runs in the default suite. 02 (optax + numpyro
-fits) and 03 (reverse-mode gradients through backtracking, Lyapunov exponent) are dominated by XLA
+fits), 03 (reverse-mode gradients through backtracking, Lyapunov exponent) and 04 (inverse problem) are dominated by XLA
 compile time (~40–60 s each on a loaded 2-core machine), beyond the default-suite budget: they are
 ``slow`` (CI runs the slow tier too, .ci/run).
 """
@@ -19,10 +20,10 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-NAMES = ["01_reproduce_figures", "02_fit_p", "03_gradients"]
+NAMES = ["01_reproduce_figures", "02_fit_p", "03_gradients", "04_inverse_problem"]
 
 
-def test_the_three_notebooks_exist():
+def test_the_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == NAMES
 
 
@@ -39,7 +40,7 @@ def nb_out(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
 
-_SLOW = {"02_fit_p", "03_gradients"}
+_SLOW = {"02_fit_p", "03_gradients", "04_inverse_problem"}
 
 
 @pytest.mark.parametrize(
