@@ -196,7 +196,7 @@ def _f_of_maps(maps, lmax):
 def spectrum_statistic(
     positions: Float[Array, "... npix 3"],
     velocities: Float[Array, "... npix 3"],
-    g: Float[ArrayLike, 3],
+    g: ArrayLike | Sequence[float],
     lmax: int,
 ) -> tuple[Float[Array, "... L"], Float[Array, "... L"]]:
     """(f_ℓ, ∂_T f_ℓ) per map: f_ℓ = C_ℓ − N (seed (2.2), (3.1)), so E[f_ℓ] = Ĉ_ℓ.
@@ -238,7 +238,7 @@ def ensemble_sample(
     key: PRNGKeyArray,
     n_realisations: int,
     nside: int,
-    times: Float[ArrayLike, " ntimes"],
+    times: ArrayLike | Sequence[float],
     *,
     rL: float,
     dt: float,
@@ -359,7 +359,7 @@ def pathwise_gradient(
     params: crjax.FieldParams,
     key: PRNGKeyArray,
     nside: int,
-    times: Float[ArrayLike, " ntimes"],
+    times: ArrayLike | Sequence[float],
     *,
     rL: float,
     dt: float,

@@ -110,7 +110,7 @@ def tensor_sample(
     key: PRNGKeyArray,
     n_realisations: int,
     nside: int,
-    times: Float[ArrayLike, " ntimes"],
+    times: ArrayLike | Sequence[float],
     *,
     rL: float,
     dt: float,
@@ -231,8 +231,8 @@ def _params_for(base: crjax.FieldParams, theta):
 
 
 def fit_parameters(
-    target: Float[ArrayLike, " L"],
-    target_cov: Float[ArrayLike, "L L"],
+    target: ArrayLike,
+    target_cov: ArrayLike,
     theta0: Sequence[float],
     key: PRNGKeyArray,
     *,
