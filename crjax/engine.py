@@ -479,6 +479,22 @@ def integrate(
     )
 
 
+def _solve(plan: Plan, term, saveat, t0, t1, dt0, y0):
+    """One diffrax solve with the plan's solver, step-size controller, step limit and adjoint."""
+    return diffrax.diffeqsolve(
+        term,
+        plan.solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        y0=y0,
+        saveat=saveat,
+        stepsize_controller=plan.stepsize_controller,
+        max_steps=plan.max_steps,
+        adjoint=plan.adjoint,
+    )
+
+
 def _integrate_local(plan: Plan, field, x0, v0, times, coupling):
     term = LorentzTerm(field, coupling)
     saveat = diffrax.SaveAt(ts=times)
@@ -487,36 +503,15 @@ def _integrate_local(plan: Plan, field, x0, v0, times, coupling):
         # predicates or selects. With the 256-mode field the push is field-bound and vmap over
         # per-particle solves measured within ±20% of this (benchmarks/engine.py prints both).
         grid = plan.stepsize_controller.ts
-        sol = diffrax.diffeqsolve(
-            term,
-            plan.solver,
-            t0=grid[0],
-            t1=grid[-1],
-            dt0=None,
-            y0=(x0, v0),
-            saveat=saveat,
-            stepsize_controller=plan.stepsize_controller,
-            max_steps=plan.max_steps,
-            adjoint=plan.adjoint,
-        )
+        sol = _solve(plan, term, saveat, grid[0], grid[-1], None, (x0, v0))
         xs, vs = sol.ys
         nsteps = jnp.full(x0.shape[:1], sol.stats["num_steps"] * plan.solver.substeps)
         return xs, vs, nsteps
 
     # Per-particle stepping: each trajectory chooses its own steps.
     def one(x0i, v0i):
-        sol = diffrax.diffeqsolve(
-            term,
-            plan.solver,
-            t0=jnp.zeros((), times.dtype),
-            t1=times[-1],
-            dt0=plan.dt0,
-            y0=(x0i, v0i),
-            saveat=saveat,
-            stepsize_controller=plan.stepsize_controller,
-            max_steps=plan.max_steps,
-            adjoint=plan.adjoint,
-        )
+        t0 = jnp.zeros((), times.dtype)
+        sol = _solve(plan, term, saveat, t0, times[-1], plan.dt0, (x0i, v0i))
         xs, vs = sol.ys
         return xs, vs, sol.stats["num_steps"]
 

@@ -213,6 +213,20 @@ def _estimator_lmax(lmax, nside: int, npix: int) -> int:
     return lmax
 
 
+def _estimator_inputs(x, name: str, pixel_axis: int, lmax, mask, offset: bool):
+    """The checks shared by :func:`spectrum_estimate` and :func:`cross_spectrum_estimate`:
+    (x as float, npix, lmax), refusing the offset correction with a mask."""
+    x, npix, nside = _check_ensemble(x, name, pixel_axis)
+    lmax = _estimator_lmax(lmax, nside, npix)
+    if mask is not None and offset:
+        raise ValueError(
+            "mask: the offset correction is defined for the full sky only (a masked band-limited "
+            "map is not band-limited, so the closure over ℓ <= lmax fails); pass offset=False "
+            "to get the diagonal-removed pseudo-spectrum and forward-model M·S − f_sky·δ"
+        )
+    return x, npix, lmax
+
+
 def _offset_correct(cl: Array, diag: Array, npix: int, correct: bool) -> tuple[Array, Array]:
     """Pair-sum estimate C_ℓ − D plus the self-consistent δ̂ (linear in the quadratic forms)."""
     pair = cl - diag[..., None]
@@ -292,14 +306,7 @@ def spectrum_estimate(
         ``(R, ...)``; ``n_realisations``. Differentiable in the maps (jax.grad, jit with static
         keywords).
     """
-    x, npix, nside = _check_ensemble(maps, "maps", -1)
-    lmax = _estimator_lmax(lmax, nside, npix)
-    if mask is not None and offset:
-        raise ValueError(
-            "mask: the offset correction is defined for the full sky only (a masked band-limited "
-            "map is not band-limited, so the closure over ℓ <= lmax fails); pass offset=False "
-            "to get the diagonal-removed pseudo-spectrum and forward-model M·S − f_sky·δ"
-        )
+    x, npix, lmax = _estimator_inputs(maps, "maps", -1, lmax, mask, offset)
     cl = power_spectrum(x, lmax=lmax, mask=mask)
     diag = pixel_diagonal(x, mask=mask)
     samples, delta = _offset_correct(cl, diag, npix, offset)
@@ -353,13 +360,7 @@ def cross_spectrum_estimate(
         positions: ``(R, npix, 3)`` or ``(R, ntimes, npix, 3)`` backtracked positions, R ≥ 2.
         lmax, mask, offset: as in :func:`spectrum_estimate`.
     """
-    r, npix, nside = _check_ensemble(positions, "positions", -2)
-    lmax = _estimator_lmax(lmax, nside, npix)
-    if mask is not None and offset:
-        raise ValueError(
-            "mask: the offset correction is defined for the full sky only; pass offset=False "
-            "(see spectrum_estimate)"
-        )
+    r, npix, lmax = _estimator_inputs(positions, "positions", -2, lmax, mask, offset)
     cl = cross_power_spectra(r, lmax=lmax, mask=mask)  # (R, ..., 3, 3, L)
     diag = pixel_diagonal_tensor(r, mask=mask)
     samples, delta = _offset_correct(cl, diag, npix, offset)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crjax._checks import check_int_at_least
 from inference.data import Spectrum
 from inference.likelihoods import _chi2_terms, _data, _model, _prepare, _Prepared, _Static, _static
 
@@ -121,6 +122,24 @@ def _numpyro_model(st: _Static, priors: Priors):
     return model
 
 
+def _check_priors(priors) -> Priors:
+    """``priors`` as a Priors (default ``Priors()`` for None); ValueError for anything else."""
+    priors = Priors() if priors is None else priors
+    if not isinstance(priors, Priors):
+        raise ValueError(  # noqa: TRY004  (project convention: every bad input is a ValueError)
+            f"priors must be an inference.nuts.Priors; got {type(priors).__name__}"
+        )
+    return priors
+
+
+def _check_sampler_counts(num_warmup, num_samples, num_chains, seed) -> None:
+    """The NUTS run's integer settings (shared with ``inference.report``'s option checks)."""
+    check_int_at_least("num_warmup", num_warmup, 1)
+    check_int_at_least("num_samples", num_samples, 2)
+    check_int_at_least("num_chains", num_chains, 1)
+    check_int_at_least("seed", seed, 0)
+
+
 def fit_p_nuts(
     spectrum: Spectrum,
     *,
@@ -147,20 +166,9 @@ def fit_p_nuts(
     from numpyro.infer import MCMC, NUTS
 
     prep = _prepare(spectrum, lmin, lmax, noise, noise_level, likelihood, forward, forward_lmax)
-    priors = Priors() if priors is None else priors
-    if not isinstance(priors, Priors):
-        raise ValueError(  # noqa: TRY004  (project convention: every bad input is a ValueError)
-            f"priors must be an inference.nuts.Priors; got {type(priors).__name__}"
-        )
-    for name, v, lo in (
-        ("num_warmup", num_warmup, 1),
-        ("num_samples", num_samples, 2),
-        ("num_chains", num_chains, 1),
-        ("seed", seed, 0),
-        ("n_ppc", n_ppc, 1),
-    ):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
+    priors = _check_priors(priors)
+    _check_sampler_counts(num_warmup, num_samples, num_chains, seed)
+    check_int_at_least("n_ppc", n_ppc, 1)
     mcmc = MCMC(
         NUTS(_numpyro_model(_static(prep), priors), dense_mass=True),
         num_warmup=num_warmup,

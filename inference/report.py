@@ -22,7 +22,7 @@ from crjax.theory import bgk_spectrum
 from inference.data import Spectrum, load_spectrum
 from inference.likelihoods import _data, _neg2loglike, _prepare, _static
 from inference.ml import MapResult, fit_p_map, fit_p_map_by_lmax
-from inference.nuts import Priors, fit_p_nuts
+from inference.nuts import _check_priors, _check_sampler_counts, fit_p_nuts
 
 __all__ = ["fit_spectrum_file", "format_covariance_summary", "format_p_table", "plot_fit"]
 
@@ -151,19 +151,11 @@ def _check_options(
         or not (math.isfinite(noise_level) and noise_level >= 0)
     ):
         raise ValueError(f"noise_level must be a finite number >= 0; got {noise_level!r}")
-    for name, v, lo in (
-        ("num_warmup", num_warmup, 1),
-        ("num_samples", num_samples, 2),
-        ("num_chains", num_chains, 1),
-        ("seed", seed, 0),
-    ):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
+    _check_sampler_counts(num_warmup, num_samples, num_chains, seed)
     for name, v in (("nuts", nuts), ("quiet", quiet), ("table", table)):
         if not isinstance(v, bool):
             raise ValueError(f"{name} must be True or False; got {v!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
-    if priors is not None and not isinstance(priors, Priors):
-        raise ValueError(f"priors must be an inference.nuts.Priors; got {type(priors).__name__}")
+    _check_priors(priors)
 
 
 def fit_spectrum_file(
