@@ -12,7 +12,7 @@ from ._checks import check_nside
 __all__ = ["healpix_directions", "npix_to_nside"]
 
 
-def healpix_directions(nside: int, *, dtype=None) -> Float[Array, "npix 3"]:
+def healpix_directions(nside: int | float, *, dtype=None) -> Float[Array, "npix 3"]:
     """Unit vectors of the HEALPix pixel centres, RING order, Npix = 12 nside².
 
     These are the initial *momentum* directions p̂ of the particles observed at Earth (seed §3):

@@ -266,9 +266,7 @@ def source_from_spectrum(
     return jnp.asarray(_legendre_table(eo, x) * w[None, :]) @ (nu * h)
 
 
-def diffusion_dipole_vector(
-    K: Float[ArrayLike, "3 3"], g: Float[ArrayLike, " 3"]
-) -> Float[Array, " 3"]:
+def diffusion_dipole_vector(K: ArrayLike, g: ArrayLike) -> Float[Array, " 3"]:
     """Dipole vector a of standard diffusion, δI(p̂) = a·p̂ with a = −3 K g (from (2.1): 4π⟨f⟩ = n − 3p̂·K∇n).
 
     ``K`` (3, 3) diffusion tensor [Lc c], ``g = ∇n/n`` (3,) [1/Lc]; p̂ is the momentum direction (pixel
@@ -283,7 +281,7 @@ def diffusion_dipole_vector(
     return -3.0 * jnp.einsum("...ij,...j->...i", K, g)
 
 
-def diffusion_dipole(K: Float[ArrayLike, "3 3"], g: Float[ArrayLike, " 3"]) -> Float[Array, ""]:
+def diffusion_dipole(K: ArrayLike, g: ArrayLike) -> Float[Array, ""]:
     """Dipole power of standard diffusion, eq. (1.1): C_1 = 4π |K g|²  (g = ∇n/n).
 
     Relation to a pixel map: a map δI = a·p̂ has C_1 = (4π/9)|a|² (since ∫(a·p̂)² dΩ = 4π|a|²/3 =
