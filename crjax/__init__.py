@@ -32,7 +32,7 @@ from .ensemble import run_ensemble  # noqa: E402
 from .chaos import lyapunov_exponent  # noqa: E402
 from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
-from . import presets, reproduce, results  # noqa: E402  (crjax.reproduce.reproduce: main job)
+from . import presets, results, runs  # noqa: E402  (the main job: inference.pipeline.reproduce)
 
 __version__ = "0.1.0"
 
@@ -59,9 +59,9 @@ __all__ = [
     "propagate",
     "realise_field",
     "relative_intensity",
-    "reproduce",
     "results",
     "run_ensemble",
+    "runs",
     "spectrum_from_nu",
     "uniform_field",
     "use_cpu_cores",

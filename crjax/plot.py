@@ -1,5 +1,5 @@
 """Figures of the main job: the seed's Fig. 2 (⟨C_ℓ⟩ vs tΩ), Fig. 3 (Ĉ_ℓ/Ĉ_1 with BGK curves)
-and a Mollweide sky map of δI. Pure drawing of numpy arrays (no physics here): ``crjax.reproduce``
+and a Mollweide sky map of δI. Pure drawing of numpy arrays (no physics here): ``inference.pipeline``
 computes the arrays. Uses matplotlib's non-interactive Agg backend unless another backend was
 already chosen.
 """
@@ -33,8 +33,8 @@ def fig2(
     cl_perp: np.ndarray,
     noise_par: np.ndarray,
     noise_perp: np.ndarray,
-    dipole_std_par: np.ndarray,
-    dipole_std_perp: np.ndarray,
+    dipole_standard_diffusion_par: np.ndarray,
+    dipole_standard_diffusion_perp: np.ndarray,
     *,
     ell_hi: int = 9,
     title: str | None = None,
@@ -43,14 +43,14 @@ def fig2(
     level N(T) of (3.1) (red) and the standard-diffusion dipole (magenta), vs tΩ on log-log axes;
     solid for g ∥ B0, dotted for g ⊥ B0.
 
-    Shapes: ``t_omega`` (nt,), ``cl_*`` (nt, lmax+1), ``noise_*`` and ``dipole_std_*`` (nt,).
+    Shapes: ``t_omega`` (nt,), ``cl_*`` (nt, lmax+1), ``noise_*`` and ``dipole_standard_diffusion_*`` (nt,).
     Returns the matplotlib Figure.
     """
     t = np.asarray(t_omega)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for cl, noise, dip, ls in (
-        (cl_par, noise_par, dipole_std_par, _PAR),
-        (cl_perp, noise_perp, dipole_std_perp, _PERP),
+        (cl_par, noise_par, dipole_standard_diffusion_par, _PAR),
+        (cl_perp, noise_perp, dipole_standard_diffusion_perp, _PERP),
     ):
         cl = np.asarray(cl)
         hi = min(ell_hi, cl.shape[-1] - 1)

@@ -3,7 +3,7 @@ a ``tiny`` smoke-test size. Each is a frozen dataclass of plain numbers, so it i
 printable and goes into ``params.json`` verbatim; :meth:`Preset.field_params` builds the
 :class:`crjax.field.FieldParams`.
 
-Units (physics.md §1): c = v = 1, Lc = 1, |B0| = 1, Ω = 1/rL; save times are given as tΩ = t/rL.
+Units (``docs/physics.md`` §1): c = v = 1, Lc = 1, |B0| = 1, Ω = 1/rL; save times are given as tΩ = t/rL.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from ._checks import (
     check_sorted_times,
 )
 
-__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "PRESETS"]
+__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "PRESETS", "SOLVER_NAMES", "GEOMETRIES",
+           "DTYPES"]
+
+# The one place presets and the CLI read the solver names from. At the merge with the engine
+# refactor this becomes ``tuple(crjax.engine.SOLVERS)`` (its name registry): one line.
+SOLVER_NAMES: tuple[str, ...] = ("boris", "tsit5", "dopri8")
+GEOMETRIES: tuple[str, ...] = ("isotropic", "slab")  # crjax.field's turbulence geometries
+DTYPES: tuple[str, ...] = ("float64", "float32")
+# Names used in params.json by earlier versions → today's field names (read, never written).
+_RENAMED = {"lmin": "lambda_min", "lmax": "lambda_max"}
 
 
 def _log_times(lo: float, hi: float, n: int) -> tuple[float, ...]:
@@ -32,7 +41,8 @@ def _log_times(lo: float, hi: float, n: int) -> tuple[float, ...]:
 class Preset:
     """Everything that fixes a reproduction run (seed §3).
 
-    Field: ``sigma2`` = ⟨δB²⟩/B0², bend-over scale ``Lc``, wavelengths ``lmin``..``lmax`` (in Lc),
+    Field: ``sigma2`` = ⟨δB²⟩/B0², bend-over scale ``Lc``, wavelengths ``lambda_min``..``lambda_max``
+    (in Lc),
     spectral index ``gamma`` (G_n = k³/(1+(kLc)^γ)), ``n_modes`` harmonic modes, ``geometry``.
     Particles: HEALPix ``nside`` (Npix = 12 nside² momentum directions), gyroradius ``rL`` (in Lc),
     save times ``t_omega`` (tΩ), ``solver`` and step ``dt`` (None: the backtracker's default rL/20).
@@ -50,8 +60,8 @@ class Preset:
     fig3_t_omega: tuple[float, ...]
     sigma2: float = 1.0
     Lc: float = 1.0
-    lmin: float = 0.01
-    lmax: float = 100.0
+    lambda_min: float = 0.01
+    lambda_max: float = 100.0
     gamma: float = 11.0 / 3.0
     n_modes: int = 256
     geometry: str = "isotropic"
@@ -82,25 +92,29 @@ class Preset:
                 f"ell_max must be <= 3*nside-1 = {3 * self.nside - 1} (HEALPix band limit); "
                 f"got {self.ell_max}"
             )
-        for name in ("sigma2", "Lc", "lmin", "lmax", "gamma", "rL", "grad"):
-            if name == "sigma2":
-                if not (np.isfinite(self.sigma2) and self.sigma2 >= 0):
-                    raise ValueError(f"sigma2 must be finite and >= 0; got {self.sigma2!r}")
-                continue
+        for name in ("sigma2", "Lc", "lambda_min", "lambda_max", "gamma", "rL", "grad"):
             check_positive(name, getattr(self, name))
-        if self.lmin >= self.lmax:
-            raise ValueError(f"lmin must be < lmax; got lmin={self.lmin}, lmax={self.lmax}")
+        if self.lambda_min >= self.lambda_max:
+            raise ValueError(f"lambda_min must be < lambda_max; got lambda_min={self.lambda_min}, "
+                             f"lambda_max={self.lambda_max}")
         if self.dt is not None:
             check_open_interval("dt", self.dt, 0.0, self.rL)
         check_sorted_times("t_omega", np.asarray(self.t_omega))
         if len(self.fig3_t_omega) != 3 or any(t not in self.t_omega for t in self.fig3_t_omega):
             raise ValueError("fig3_t_omega must be three of the save times t_omega")
-        if self.geometry not in ("isotropic", "slab"):
-            raise ValueError(f"geometry must be 'isotropic' or 'slab'; got {self.geometry!r}")
-        if self.dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be 'float64' or 'float32'; got {self.dtype!r}")
-        if self.solver not in ("boris", "tsit5", "dopri8"):
-            raise ValueError(f"solver must be 'boris', 'tsit5' or 'dopri8'; got {self.solver!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}; got {self.geometry!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.solver not in SOLVER_NAMES:
+            raise ValueError(f"solver must be one of {SOLVER_NAMES}; got {self.solver!r}")
+        check_int_at_least("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32); got {self.seed}")
+        b = np.asarray(self.b0_direction, dtype=float)
+        if b.shape != (3,) or not np.all(np.isfinite(b)) or not np.linalg.norm(b) > 0:
+            raise ValueError(f"b0_direction must be a finite non-zero 3-vector; got {self.b0_direction!r}")
+        self.field_params()  # the field's own checks too, so that a run never fails after it starts
 
     @property
     def times(self) -> np.ndarray:
@@ -123,9 +137,15 @@ class Preset:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
-        """Inverse of :meth:`to_dict` (e.g. from a run's ``params.json``); unknown keys ignored."""
+        """Inverse of :meth:`to_dict` (e.g. from a run's ``params.json``); unknown keys ignored,
+        the names of earlier versions (``lmin``, ``lmax``) read as today's."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {_RENAMED.get(k, k): v for k, v in d.items()}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in kw and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"preset parameters are missing {missing}")
         return cls(**kw)
 
     def field_params(self):
@@ -135,8 +155,8 @@ class Preset:
         return FieldParams(
             sigma2=self.sigma2,
             Lc=self.Lc,
-            lmin=self.lmin,
-            lmax=self.lmax,
+            lmin=self.lambda_min,
+            lmax=self.lambda_max,
             b0=1.0,
             b0_direction=self.b0_direction,
             spectrum=_spectrum(self.gamma),
@@ -153,7 +173,7 @@ def _spectrum(gamma: float):
 
 def paper() -> Preset:
     """The seed's §3 simulation: nside 32 (12288 directions), 120 realisations, σ² = 1,
-    rL = 0.1 Lc, λ = 0.01–100 Lc, γ = 11/3, 256 modes (the seed does not state N; physics.md §2),
+    rL = 0.1 Lc, λ = 0.01–100 Lc, γ = 11/3, 256 modes (the seed does not state N; ``docs/physics.md`` §2),
     tΩ up to 1000 (its Fig. 2). Meant for a GPU; runs (slowly) on CPU and resumes: measured
     ~90 s per realisation on 2 CPU cores, ~3 h in all."""
     return Preset(
@@ -212,7 +232,7 @@ PRESETS = {"paper": paper, "quick": quick, "tiny": tiny}
 
 def get_preset(name: str) -> Preset:
     """Preset by name: 'quick', 'paper' or 'tiny'."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
     return PRESETS[name]()
 

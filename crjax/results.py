@@ -11,11 +11,15 @@ Layout of a run directory::
 Every file is written atomically (temporary file in the same directory, flushed, ``os.replace``), so
 ``kill -9`` at any moment loses at most the chunk in flight and never leaves a half-written file
 under a final name. Realisation ``r`` must draw its randomness from
-``jax.random.fold_in(seed_key, r)`` (``crjax.reproduce`` does): then which chunks were computed in which process does not matter, and a
-resumed run is bit-for-bit identical to an uninterrupted one.
+``jax.random.fold_in(seed_key, r)`` (``crjax.runs.simulate`` does): then which chunks were computed
+in which process does not matter, and a resumed run is bit-for-bit identical to an uninterrupted one.
+A chunk file that cannot be read back in full (truncated, a flipped byte: its zip checksums fail) is
+named in a warning and recomputed.
 
 Resuming with *different* parameters is an error (``ValueError`` naming the differing keys), never a
-silent mix of two ensembles. Provenance (package versions, backend, time) may differ on resumption;
+silent mix of two ensembles. Every problem with the directory itself (an existing file, a path under a
+file, no write permission, a directory holding something other than a run, a corrupt ``params.json``)
+is a ``ValueError`` naming the path, raised before anything is written. Provenance (package versions, backend, time) may differ on resumption;
 it is recorded, not compared.
 """
 
@@ -29,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +141,15 @@ def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Every array of an npz file, read in full (zip checksums verified); a file that cannot be
+    read is a ``ValueError`` naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # BadZipFile, a CRC error, a truncated member, a pickled array ...
+        raise ValueError(f"{path} is not a readable npz file ({type(err).__name__}: {err})") from err
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -155,22 +166,82 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix or "<root>"]
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what} ({err})") from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {what} is not valid JSON ({err})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the {what} must be a JSON object; got {type(obj).__name__}")
+    return obj
+
+
+def _run_directory(directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    if not d.exists():
+        raise ValueError(f"run directory {str(d)!r} does not exist")
+    if not d.is_dir():
+        raise ValueError(f"run directory {str(d)!r} is not a directory")
+    if not (d / PARAMS_FILE).exists():
+        raise ValueError(f"{str(d)!r} holds no run (no {PARAMS_FILE})")
+    return d
+
+
 def read_params(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``params.json`` of a run: ``{"params": ..., "provenance": ...}``."""
-    return json.loads((Path(directory) / PARAMS_FILE).read_text())
+    d = _run_directory(directory)
+    stored = _read_json(d / PARAMS_FILE, "run parameters")
+    if not isinstance(stored.get("params"), dict):
+        raise ValueError(f"{d / PARAMS_FILE}: no 'params' object (not a crjax run file)")
+    return stored
 
 
 def read_results(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of ``results.npz`` of a finished run."""
-    path = Path(directory) / RESULTS_FILE
+    path = _run_directory(directory) / RESULTS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the run has not finished (see its chunk files)")
+        raise ValueError(
+            f"{path} not found: the run has not finished (run the same command again to resume it)"
+        )
     return _read_npz(path)
 
 
 def read_summary(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``summary.json`` of a finished run."""
-    return json.loads((Path(directory) / SUMMARY_FILE).read_text())
+    path = _run_directory(directory) / SUMMARY_FILE
+    if not path.exists():
+        raise ValueError(f"{path} not found: the run has not finished")
+    return _read_json(path, "run summary")
+
+
+def _is_run_file(name: str) -> bool:
+    return (name in (PARAMS_FILE, RESULTS_FILE, SUMMARY_FILE) or bool(_CHUNK_RE.match(name))
+            or _TMP_MARK in name)
+
+
+def _prepare_directory(d: Path) -> None:
+    """Refuse, before writing anything, a path that cannot hold a run (ValueError naming it)."""
+    for parent in [d, *d.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is an existing file" if parent == d else f"lies under the file {str(parent)!r}"
+                raise ValueError(f"out directory {str(d)!r} {what}; choose a directory path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"out directory {str(d)!r}: no permission to write in {str(parent)!r}")
+            break
+    if d.is_dir() and not (d / PARAMS_FILE).exists():
+        other = sorted(f.name for f in d.iterdir() if not _is_run_file(f.name))
+        if other:
+            raise ValueError(
+                f"out directory {str(d)!r} is not empty and holds no crjax run (found {other[:3]}); "
+                "choose a new or empty directory"
+            )
 
 
 @dataclass
@@ -184,17 +255,26 @@ class RunStore:
 
     directory: Path
     params: dict[str, Any]
+    _verified: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(
-        cls, directory: str | os.PathLike, params: Mapping[str, Any], *, resume: bool = True
+        cls,
+        directory: str | os.PathLike,
+        params: Mapping[str, Any],
+        *,
+        resume: bool = True,
+        upgrade: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     ) -> RunStore:
         """Open (create or resume) the run in ``directory`` with ``params``.
 
         - new/empty directory: writes ``params.json`` first (parameters + :func:`provenance`);
         - existing run, ``resume=True``: the stored parameters must equal ``params``, else
           ``ValueError`` naming the differing keys; completed chunks are kept;
-        - existing run, ``resume=False``: ``ValueError`` (choose another directory or resume).
+        - existing run, ``resume=False``: ``ValueError`` (choose another directory or resume);
+        - ``upgrade(stored_params)``, if given, rewrites parameters stored by an older version in
+          today's names before they are compared;
+        - a path that cannot hold a run (module docstring): ``ValueError`` naming it, nothing written.
         Stale temporary files from an interrupted process are removed.
         """
         d = Path(directory)
@@ -203,7 +283,7 @@ class RunStore:
             if name not in p:
                 raise ValueError(f"params must contain {name!r} (an integer >= 1)")
             check_int_at_least(f"params[{name!r}]", p[name], 1)
-        d.mkdir(parents=True, exist_ok=True)
+        _prepare_directory(d)
         pfile = d / PARAMS_FILE
         if pfile.exists():
             if not resume:
@@ -212,7 +292,13 @@ class RunStore:
                     "CLI default) or choose another directory"
                 )
             stored = read_params(d)
-            diff = _diff_keys(stored.get("params"), p)
+            old_params = stored["params"]
+            if upgrade is not None:
+                try:
+                    old_params = to_jsonable(upgrade(old_params))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{pfile}: stored parameters are not valid ({err})") from err
+            diff = _diff_keys(old_params, p)
             if diff:
                 raise ValueError(
                     f"cannot resume {str(d)!r}: parameters differ from the stored run in keys "
@@ -228,6 +314,10 @@ class RunStore:
                     stacklevel=2,
                 )
         else:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"cannot create out directory {str(d)!r}: {err.strerror}") from err
             _write_json(pfile, {"params": p, "provenance": provenance()})
         store = cls(directory=d, params=p)
         store._remove_stale_tmp()
@@ -248,7 +338,10 @@ class RunStore:
                 f.unlink(missing_ok=True)
 
     def completed_chunks(self) -> list[int]:
-        """Indices of chunk files that exist and are readable with the expected range."""
+        """Indices of chunk files that read back in full with the expected range.
+
+        A file that does not (truncated, corrupted: zip checksum errors) is named in a warning and
+        left to be recomputed; each file is verified once per size and modification time."""
         done = []
         for f in sorted(self.directory.iterdir()):
             m = _CHUNK_RE.match(f.name)
@@ -257,16 +350,27 @@ class RunStore:
             i = int(m.group(1))
             if i >= len(self.ranges):
                 raise ValueError(f"{f} lies beyond the {len(self.ranges)} chunks of this run")
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    ok = (int(z["_start"]), int(z["_stop"])) == self.ranges[i]
-            except Exception:  # unreadable (e.g. disk full at write time): recompute it
-                ok = False
-            if ok:
+            if self._chunk_ok(i, f):
                 done.append(i)
-            else:
-                warnings.warn(f"ignoring unreadable or mismatched chunk file {f}", stacklevel=2)
         return done
+
+    def _chunk_ok(self, index: int, path: Path) -> bool:
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cache = self._verified
+        if cache.get(path) == stamp:
+            return True
+        try:
+            d = _read_npz(path)
+            ok = (int(d["_start"]), int(d["_stop"])) == self.ranges[index]
+            reason = f"it holds realisations {int(d['_start'])}..{int(d['_stop'])}" if not ok else ""
+        except (ValueError, KeyError) as err:  # unreadable (disk full at write time, a flipped byte)
+            ok, reason = False, str(err)
+        if ok:
+            cache[path] = stamp
+        else:
+            warnings.warn(f"chunk file {path} will be recomputed: {reason}", stacklevel=3)
+        return ok
 
     @property
     def n_done(self) -> int:
@@ -302,6 +406,13 @@ class RunStore:
         if missing:
             raise ValueError(f"run {str(self.directory)!r} is incomplete: chunks {missing} missing")
         parts = [self.read_chunk(i) for i in range(len(self.ranges))]
+        for i, part in enumerate(parts):
+            if set(part) != set(parts[0]):
+                raise ValueError(
+                    f"{self.chunk_path(i)} holds arrays {sorted(part)}, chunk 0 holds "
+                    f"{sorted(parts[0])}: the chunks come from different versions; delete it to "
+                    "recompute it"
+                )
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
     def run(

@@ -1,17 +1,14 @@
-"""The main job: the seed's §3 pipeline end to end, resumable.
+"""The main job: the seed's §3 pipeline end to end, resumable (``crjax reproduce``).
 
-    simulate   realisations r = 0..n−1 (key fold_in(PRNGKey(seed), r)), chunk by chunk
-               (``crjax.backtrack.run_ensemble``); each chunk is reduced on the device to small
-               per-realisation summaries and written atomically (``crjax.results.RunStore``):
-               C_ℓ(T) for g ∥ B0 and g ⊥ B0, the diffusion-tensor moments, relative diffusion K̃,
-               the chunk's summed δI maps (for the standard-diffusion dipole) and one sky map.
+    simulate   ``crjax.runs.simulate``: the ensemble, chunk by chunk, into a resumable run
+               directory (per-realisation C_ℓ(T) for g ∥ B0 and g ⊥ B0, ⟨r_i r_j⟩, K̃, maps).
     analyse    ⟨C_ℓ⟩(T), K(T) → K_∥, K_⊥, noise N(T) (3.1), Ĉ_ℓ = ⟨C_ℓ⟩ − N with its variance,
                the standard-diffusion dipole, convergence of Ĉ_ℓ/Ĉ_1, and the fit of the BGK
-               exponent p (4.7) to Ĉ_ℓ/Ĉ_1 at the last save time.
+               exponent p (4.7) to Ĉ_ℓ at the last save time (``inference.fit``).
     figures    fig2.png, fig3.png, skymap.png (``crjax.plot``).
 
-Every physics step is a call into the library (field, backtrack, transport, angular, theory,
-inference.fit); this module only wires them and does bookkeeping.
+This module sits above both packages: it only wires library calls and does bookkeeping. The
+physics and its conventions are in ``docs/physics.md``.
 
 Convergence criterion (``summary["converged"]``): with R_ℓ(T) = Ĉ_ℓ/Ĉ_1, compare R_ℓ at the last
 save time T_last with R_ℓ at the latest save time T_prev ≤ T_last/2 for 2 ≤ ℓ ≤ fit_ell_max:
@@ -25,9 +22,7 @@ realisations, which makes the test conservative).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,13 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from . import angular
-from .presets import Preset, get_preset
-from .results import RunStore, read_summary, to_jsonable
+from crjax import angular, plot, transport
+from crjax.presets import Preset, get_preset
+from crjax.results import read_params, read_results, read_summary, to_jsonable
+from crjax.runs import gradient_directions, simulate
+from crjax.theory import bgk_spectrum
+
+from .data import save_spectrum, spectrum_from_estimate
+from .fit import fit_p_map
 
 __all__ = [
-    "gradient_directions",
-    "simulate",
     "analyse",
     "make_figures",
     "plot_run",
@@ -53,100 +51,6 @@ __all__ = [
 ]
 
 CONVERGENCE_SPAN = 2.0  # compare Ĉ_ℓ/Ĉ_1 at T_last with the save time ≤ T_last / CONVERGENCE_SPAN
-
-
-def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
-    """g ∥ B0 and g ⊥ B0, each of magnitude ``preset.grad`` (1/Lc), shape (3,).
-
-    The perpendicular one is x̂ made orthogonal to b̂0 (ŷ if b̂0 ∥ x̂)."""
-    b = np.asarray(preset.b0_direction, dtype=float)
-    b = b / np.linalg.norm(b)
-    e = np.array([1.0, 0.0, 0.0]) if abs(b[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    e = e - (e @ b) * b
-    return preset.grad * b, preset.grad * e / np.linalg.norm(e)
-
-
-@functools.lru_cache(maxsize=None)
-def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
-    """Per-chunk reducer (runs inside the ensemble jit). Cached: one function object per setup,
-    because ``run_ensemble`` treats it as a static argument (a new object would recompile)."""
-    from . import transport
-
-    gp, gq = jnp.asarray(g_par), jnp.asarray(g_perp)
-
-    def reduce(traj):
-        pos, times = traj.positions, traj.times[0]  # (c, nt, npix, 3), (nt,)
-        maps_par = angular.relative_intensity(pos, gp)  # (c, nt, npix)
-        maps_perp = angular.relative_intensity(pos, gq)
-        return {
-            "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
-            "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
-            "rr": transport.second_moments(pos),  # (c, nt, 3, 3) direction-averaged ⟨r_i r_j⟩
-            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, times)[0])(pos),
-            "maps_par": maps_par,
-            "maps_perp": maps_perp,
-        }
-
-    return reduce
-
-
-def _run_params(preset: Preset) -> dict[str, Any]:
-    p = preset.to_dict()
-    p["n_items"] = preset.n_realisations  # the store's names for the ensemble size / chunking
-    return p
-
-
-def simulate(
-    preset: Preset, out: str | Path, *, resume: bool = True, progress: bool = True
-) -> tuple[RunStore, dict[str, np.ndarray]]:
-    """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
-
-    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions)
-    and ``Ktilde`` (n, nt, 3, 3) per realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the
-    last save time; ``sum_maps_par``, ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for
-    the standard-diffusion dipole). ``n`` counts realisations, in order.
-    """
-    from .backtrack import run_ensemble
-    from .sky import healpix_directions
-
-    store = RunStore.open(out, _run_params(preset), resume=resume)
-    g_par, g_perp = gradient_directions(preset)
-    reducer = _reducer(tuple(g_par), tuple(g_perp), preset.ell_max)
-    fparams = preset.field_params()
-    key = jax.random.PRNGKey(preset.seed)
-    dirs = healpix_directions(preset.nside, dtype=preset.dtype)
-    times = jnp.asarray(preset.times)
-
-    delay = float(os.environ.get("CRJAX_TEST_CHUNK_DELAY", "0"))
-
-    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        if delay and start > 0:  # test hook: a window to kill -9 between chunks (tests only)
-            time.sleep(delay)
-        # Always a full chunk (the short last one is padded with realisations beyond n and cut):
-        # one compiled shape for the whole run, and every chunk identical to an uninterrupted run.
-        size = preset.chunk_size
-        red = run_ensemble(
-            fparams, key, start + size, dirs, times, rL=preset.rL, chunk_size=size, start=start,
-            reducer=reducer, solver=preset.solver, dt=preset.dt, dtype=jnp.dtype(preset.dtype),
-        )
-        red = {k: np.asarray(v)[: stop - start] for k, v in red.items()}
-        mp, mq = red.pop("maps_par"), red.pop("maps_perp")
-        red["sky_par"], red["sky_perp"] = mp[:, -1], mq[:, -1]
-        red["sum_maps_par"], red["sum_maps_perp"] = mp.sum(0)[None], mq.sum(0)[None]
-        return red
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=preset.n_realisations, initial=store.n_done, unit="real",
-                   desc=f"crjax {preset.name}", dynamic_ncols=True)
-    try:
-        chunks = store.run(compute, progress=None if bar is None else bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
-    return store, chunks
 
 
 def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
@@ -190,8 +94,6 @@ def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: in
 
 def _simulated_spectrum(ell, chat, var, preset: Preset, side: str, t_omega: float):
     """Ĉ_ℓ at one time as an ``inference.data.Spectrum`` (symmetric errors √var; synthetic)."""
-    from inference.data import spectrum_from_estimate
-
     return spectrum_from_estimate(
         ell, chat, var, experiment="crjax simulation", synthetic=True, noise_subtracted=True,
         provenance=(f"crjax reproduce preset {preset.name}: Chat_l = <C_l> - N, gradient {side} "
@@ -205,8 +107,6 @@ def _fit_p(spec) -> dict:
     """Fit the BGK exponent p (4.7) to the simulated Ĉ_ℓ with its realisation variance
     (``inference.fit.fit_p_map``: free amplitude, no extra noise term since N is subtracted,
     Gaussian likelihood, Laplace 68% interval)."""
-    from inference.fit import fit_p_map
-
     ell = spec.ell
     res = fit_p_map(spec, lmin=int(ell[0]), lmax=int(ell[-1]), noise="none", likelihood="gaussian")
     return {"p_best": res.p, "p_err": res.p_err, "p_interval": list(res.p_interval),
@@ -218,8 +118,6 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
     """Ensemble statistics, convergence and the fit of p. Returns ``(arrays, summary, spectra)``:
     ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``, ``spectra``
     (``inference.data.Spectrum`` of Ĉ_ℓ at the last time, ∥ and ⊥) to spectrum text files."""
-    from . import transport
-
     g_par, g_perp = gradient_directions(preset)
     times, t_omega = preset.times, np.asarray(preset.t_omega)
     n = preset.n_realisations
@@ -254,7 +152,7 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
         arrays.update({
             f"cl_{side}": np.asarray(est.mean), f"cl_{side}_realisations": cls,
             f"noise_{side}": noise, f"chat_{side}": np.asarray(est.estimate),
-            f"chat_{side}_var": np.asarray(est.variance), f"dipole_std_{side}": dip,
+            f"chat_{side}_var": np.asarray(est.variance), f"dipole_standard_diffusion_{side}": dip,
             f"ratio_{side}": ratio, f"ratio_{side}_err": rerr,
         })
         conv = _convergence(t_omega, ratio, rerr, preset.fit_ell_max)
@@ -291,16 +189,14 @@ def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str
     """fig2.png, fig3.png, skymap.png in ``out``; returns their paths."""
     import matplotlib.pyplot as plt
 
-    from . import plot
-    from .theory import bgk_spectrum
-
     out = Path(out)
     t_omega = np.asarray(arrays["t_omega"])
     label = (f"{preset.name}: nside {preset.nside}, {preset.n_realisations} realisations, "
              f"{preset.n_modes} modes, rL/Lc={preset.rL:g}, σ²={preset.sigma2:g}")
     paths = {}
     f = plot.fig2(t_omega, arrays["cl_par"], arrays["cl_perp"], arrays["noise_par"],
-                  arrays["noise_perp"], arrays["dipole_std_par"], arrays["dipole_std_perp"],
+                  arrays["noise_perp"], arrays["dipole_standard_diffusion_par"],
+                  arrays["dipole_standard_diffusion_perp"],
                   ell_hi=preset.fit_ell_max, title=label)
     paths["fig2"] = str(out / "fig2.png")
     f.savefig(paths["fig2"], dpi=120)
@@ -337,12 +233,30 @@ def make_figures(arrays: dict, preset: Preset, out: str | Path) -> dict[str, str
     return paths
 
 
-def plot_run(directory: str | Path) -> dict[str, str]:
-    """Re-draw the figures of a finished run from its ``params.json`` and ``results.npz``."""
-    from .results import read_params, read_results
+_RENAMED_ARRAYS = {"dipole_std_par": "dipole_standard_diffusion_par",
+                   "dipole_std_perp": "dipole_standard_diffusion_perp"}  # names of earlier runs
 
-    preset = Preset.from_dict(read_params(directory)["params"])
-    return make_figures(read_results(directory), preset, directory)
+
+def plot_run(directory: str | Path) -> dict[str, str]:
+    """Re-draw the figures of a finished run from its ``params.json`` and ``results.npz``.
+
+    A missing, empty or unfinished run directory is a ``ValueError`` naming it."""
+    stored = read_params(directory)["params"]
+    try:
+        preset = Preset.from_dict(stored)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{Path(directory) / 'params.json'}: not valid run parameters ({err})") from err
+    arrays = read_results(directory)
+    arrays = {_RENAMED_ARRAYS.get(k, k): v for k, v in arrays.items()}
+    needed = ("t_omega", "cl_par", "cl_perp", "noise_par", "noise_perp", "chat_par", "chat_perp",
+              "ratio_par", "ratio_par_err", "ratio_perp", "ratio_perp_err", "sky_par",
+              "p_best_par", "p_best_perp", "fit_amplitude_par", "fit_amplitude_perp",
+              "dipole_standard_diffusion_par", "dipole_standard_diffusion_perp")
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise ValueError(f"{Path(directory) / 'results.npz'} lacks the arrays {missing} "
+                         "(not written by crjax reproduce/simulate)")
+    return make_figures(arrays, preset, directory)
 
 
 def reproduce(
@@ -366,8 +280,6 @@ def reproduce(
     files = {"directory": str(store.directory), "results": str(store.directory / "results.npz"),
              "params": str(store.directory / "params.json"),
              "summary": str(store.directory / "summary.json")}
-    from inference.data import save_spectrum
-
     for side, spec in spectra.items():  # `crjax fit <file>` refits these
         files[f"spectrum_{side}"] = str(store.directory / f"simulated_spectrum_{side}.txt")
         save_spectrum(files[f"spectrum_{side}"], spec)
