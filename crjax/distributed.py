@@ -215,7 +215,7 @@ def initialize(
     return process_info()
 
 
-def barrier(name: str, timeout_s: float | None = None) -> None:
+def barrier(name: str, timeout_s: float | int | None = None) -> None:
     """Wait until every process reaches the barrier ``name`` (no-op in a single process).
 
     Uses the coordination service of ``jax.distributed`` (no device computation, so it also works
@@ -387,11 +387,11 @@ def ensemble_sum(
     times: Any,
     *,
     rL: ArrayLike,
-    reducer: Callable,
+    reducer: Any,
     chunk_size: int | None = None,
-    realise: Callable | None = None,
+    realise: Any = None,
     b_ref: ArrayLike | None = None,
-    mesh: Mesh | None = None,
+    mesh: Any = None,
     reduction: str = "ordered",
     engine: Any = None,
     **settings,
