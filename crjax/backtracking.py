@@ -18,18 +18,18 @@ the origin with direction p̂ (``propagate(..., charge=+1)``). How the equations
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._checks import is_concrete
 from .engine import (
     Engine,
     TimesLike,
+    VectorsLike,
     cast_floats,
     check_field,
     coupling,
@@ -69,7 +69,7 @@ class Trajectory(eqx.Module):
 # input handling (host side, before jit)
 
 
-def engine_from(engine: Engine | None, settings: dict) -> Engine:
+def engine_from(engine, settings: dict) -> Engine:
     """``engine`` (default ``Engine()``) with the keyword ``settings`` given (not None) replacing its
     fields; a ValueError names unknown settings."""
     if engine is None:
@@ -156,15 +156,15 @@ def _run(field, x0, v0, times, *, charge, rL, b_ref, engine: Engine, backward: b
 
 
 def propagate(
-    field: Callable,
-    positions: ArrayLike,
-    velocities: ArrayLike,
+    field: PyTree,
+    positions: VectorsLike,
+    velocities: VectorsLike,
     times: TimesLike,
     *,
     rL: ArrayLike,
     charge: ArrayLike = 1.0,
     b_ref: ArrayLike | None = None,
-    engine: Engine | None = None,
+    engine=None,  # a crjax.Engine; checked by engine_from (ValueError), so not annotated
     **settings,
 ) -> Trajectory:
     """Integrate particles forward in time from ``positions``/``velocities`` at t = 0
@@ -201,13 +201,13 @@ def propagate(
 
 
 def backtrack(
-    field: Callable,
-    directions: ArrayLike,
+    field: PyTree,
+    directions: VectorsLike | int,
     times: TimesLike,
     *,
     rL: ArrayLike,
     b_ref: ArrayLike | None = None,
-    engine: Engine | None = None,
+    engine=None,  # a crjax.Engine; checked by engine_from (ValueError), so not annotated
     **settings,
 ) -> Trajectory:
     """Backtrack cosmic rays observed at Earth with momentum directions p̂_i (seed §3).

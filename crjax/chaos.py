@@ -6,22 +6,20 @@ horizon of useful pathwise gradients (∂r/∂θ ~ e^{λ_L T}).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._checks import check_open_interval, check_positive
 from .backtracking import backtrack, unit_vectors
-from .engine import TimesLike
+from .engine import TimesLike, VectorsLike
 
 __all__ = ["lyapunov_exponent"]
 
 
 def lyapunov_exponent(
-    field: Callable,
-    directions: ArrayLike,
+    field: PyTree,
+    directions: VectorsLike,
     times: TimesLike,
     *,
     rL: ArrayLike,

@@ -44,6 +44,7 @@ __all__ = [
     "Engine",
     "Plan",
     "TimesLike",
+    "VectorsLike",
     "cast_floats",
     "check_field",
     "coupling",
@@ -59,8 +60,10 @@ SOLVERS: types.MappingProxyType[str, Callable[[], diffrax.AbstractSolver]] = typ
     {"boris": Boris, "tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8}
 )
 
-#: Save times as public entry points accept them (checked by ``Engine.plan``).
-TimesLike = ArrayLike | Sequence[float]
+#: Save times and (npix, 3) vectors as public entry points accept them: loosely typed, because
+#: the entry points check them themselves (a ValueError naming the parameter).
+TimesLike = ArrayLike | Sequence
+VectorsLike = ArrayLike | Sequence
 
 #: Tolerances of the default controller for adaptive solvers, PIDController(rtol, atol).
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-8, 1e-10
@@ -99,7 +102,7 @@ def _float_dtype(dtype) -> np.dtype:
     try:
         resolved = jnp.dtype(jnp.float64 if dtype is None else dtype)
     except TypeError:
-        resolved = None
+        resolved = jnp.dtype(jnp.int8)  # not understood: refused below
     if resolved not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be float32 or float64 (or None for float64); got {dtype!r}")
     return jax.dtypes.canonicalize_dtype(resolved)
@@ -238,6 +241,7 @@ class Engine(eqx.Module):
         """
         dtype = self.dtype
         devices = _resolve_devices(self.devices)
+        _check_scalar("rL", rL)
         check_positive("rL", rL)
         if not is_concrete(times):
             raise ValueError(
@@ -310,6 +314,11 @@ class Plan(eqx.Module):
     max_steps: int = eqx.field(static=True)  # diffrax steps (Boris: steps of ``substeps`` pushes)
     devices: int = eqx.field(static=True)  # local devices the particles are split over (1: none)
     dtype: np.dtype = eqx.field(static=True)
+
+
+def _check_scalar(name: str, value) -> None:
+    if isinstance(value, bool) or np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a real scalar > 0; got {value!r}")
 
 
 def _resolve_dt(dt, rL) -> float:
@@ -403,6 +412,7 @@ def check_field(field) -> None:
 def reference_field_strength(field, b_ref):
     """B_ref, the field strength in which rL is the gyroradius: ``b_ref`` or |field.b0| (> 0)."""
     if b_ref is not None:
+        _check_scalar("b_ref", b_ref)
         check_positive("b_ref", b_ref)
         return b_ref
     b0 = getattr(field, "b0", None)

@@ -15,9 +15,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PyTree
 
-from ._checks import check_int_at_least, check_positive
+from ._checks import check_int_at_least
 from .backtracking import Trajectory, directions_array, engine_from
-from .engine import Engine, TimesLike, cast_floats, coupling, integrate
+from .engine import (
+    TimesLike,
+    VectorsLike,
+    cast_floats,
+    coupling,
+    integrate,
+    reference_field_strength,
+)
 
 __all__ = ["run_ensemble"]
 
@@ -84,7 +91,7 @@ def run_ensemble(
     params: PyTree,
     key: ArrayLike,
     n_realisations: int,
-    directions: ArrayLike,
+    directions: VectorsLike | int,
     times: TimesLike,
     *,
     rL: ArrayLike,
@@ -94,7 +101,7 @@ def run_ensemble(
     start: int = 0,
     realise: Callable | None = None,
     b_ref: ArrayLike | None = None,
-    engine: Engine | None = None,
+    engine=None,  # a crjax.Engine; checked by engine_from (ValueError), so not annotated
     **settings,
 ):
     """Backtrack ``directions`` through realisations ``start .. n_realisations-1`` of ``params``.
@@ -139,7 +146,7 @@ def run_ensemble(
     p = directions_array(directions, engine.dtype)
     plan, times = engine.plan(times, rL)
     if b_ref is not None:
-        check_positive("b_ref", b_ref)
+        reference_field_strength(None, b_ref)  # checks b_ref; |b0| of each realisation otherwise
     realise = _default_realise if realise is None else realise
     if reducer is not None:
         _check_reducer(reducer, min(chunk_size, n_realisations - start), times.shape[0], p)

@@ -256,14 +256,15 @@ def _run(args) -> int:
         paths = plot_run(args.run)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
+    # one JAX CPU device per core: the engine runs one integration loop per core. First, before
+    # any JAX work (building a preset validates its field, which runs JAX). JAX may already be
+    # running when main() is called as a library function (tests, notebooks): then keep its
+    # devices (results do not depend on the count beyond round-off).
+    with contextlib.suppress(RuntimeError):
+        use_cpu_cores()
     # Everything is validated before anything is written: the preset here, the out directory
     # when the run store opens it.
     preset = args.preset if args.command == "reproduce" else _preset_from_args(args)
-    # one JAX CPU device per core: the engine runs one integration loop per core. JAX may already
-    # be running when main() is called as a library function (tests, notebooks): then keep its
-    # devices (results do not depend on the count).
-    with contextlib.suppress(RuntimeError):
-        use_cpu_cores()
     from .pipeline import format_summary, reproduce
 
     summary = reproduce(preset, args.out, resume=args.resume, progress=args.progress,

@@ -1,9 +1,15 @@
 """The notebooks run top to bottom at tiny size (CRJAX_TINY=1) and are committed without outputs.
 
+Each notebook ends with a checks cell that asserts the key numbers it computed (01: the exact
+monopole sum rule (2.6) and the standard-diffusion dipole bound; 02: the fit of the synthetic p = 1/2
+file within 3σ and NUTS next to ML; 03: AD vs finite differences at the shortest horizon) and prints
+``CHECKS PASSED`` with them; the test requires that line, so a notebook whose checks were removed
+fails too.
+
 01 (the main story, the `crjax reproduce` pipeline) runs in the default suite. 02 (optax + numpyro
 fits) and 03 (reverse-mode gradients through backtracking, Lyapunov exponent) are dominated by XLA
 compile time (~40–60 s each on a loaded 2-core machine), beyond the default-suite budget: they are
-``slow``.
+``slow`` (CI runs the slow tier too, .ci/run).
 """
 
 import os
@@ -56,6 +62,10 @@ def test_notebook_executes_at_tiny_size(path, nb_out, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    text = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
+    assert "CHECKS PASSED" in text, f"{path.name}: the final checks cell did not report: {text!r}"
+    print(text)  # the checked numbers, in the test log
     if path.stem == "01_reproduce_figures":
         for f in ("fig2.png", "fig3.png", "skymap.png", "summary.json"):
             assert (nb_out / "01_tiny" / f).exists()

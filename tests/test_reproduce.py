@@ -1,5 +1,6 @@
-"""The main job: presets, statistics helpers, figures, and the pipeline end to end at tiny size
-(including resumption after a lost chunk and after a real ``kill -9``)."""
+"""The main job (``inference.pipeline`` over ``crjax.runs``): presets, statistics helpers, figures,
+and the pipeline end to end at tiny size (checked against an independent recomputation with
+crjax.backtrack + healpy + numpy; resumption after a lost chunk and after a real ``kill -9``)."""
 
 import json
 import os
@@ -12,9 +13,9 @@ import healpy as hp
 import numpy as np
 import pytest
 
-from crjax import plot, presets
-from crjax import reproduce as rp
+from crjax import plot, presets, runs
 from crjax.results import RunStore, read_params, read_results, read_summary
+from inference import pipeline as rp
 
 # ----------------------------------------------------------------------------------------------
 # presets
@@ -23,14 +24,15 @@ from crjax.results import RunStore, read_params, read_results, read_summary
 def test_paper_preset_is_the_seed_setup():
     p = presets.paper()
     # Seed §3: nside 32 (12288 trajectories), 120 realisations, σ² = 1, λ 0.01–100 Lc,
-    # γ = 11/3, rL = 0.1 Lc; Fig. 2 runs to tΩ = 1000. 256 modes: physics.md §2 default.
+    # γ = 11/3, rL = 0.1 Lc; Fig. 2 runs to tΩ = 1000. 256 modes: docs/physics.md §2 default.
     assert (p.nside, p.npix, p.n_realisations) == (32, 12288, 120)
-    assert (p.sigma2, p.lmin, p.lmax, p.rL, p.n_modes) == (1.0, 0.01, 100.0, 0.1, 256)
+    assert (p.sigma2, p.lambda_min, p.lambda_max, p.rL, p.n_modes) == (1.0, 0.01, 100.0, 0.1, 256)
     assert p.gamma == pytest.approx(11 / 3, rel=1e-15)
     assert max(p.t_omega) == pytest.approx(1000.0)
     np.testing.assert_allclose(p.times, np.asarray(p.t_omega) * 0.1)
     q = presets.quick()
-    assert (q.sigma2, q.lmin, q.lmax, q.rL, q.gamma) == (p.sigma2, p.lmin, p.lmax, p.rL, p.gamma)
+    assert (q.sigma2, q.lambda_min, q.lambda_max, q.rL, q.gamma) == (
+        p.sigma2, p.lambda_min, p.lambda_max, p.rL, p.gamma)
     assert q.t_omega[0] == pytest.approx(1.0) and q.t_omega[-1] == pytest.approx(200.0)
 
 
@@ -40,6 +42,20 @@ def test_preset_roundtrips_through_params_json():
     assert q == p
     fp = p.field_params()
     assert fp.n_modes == p.n_modes and float(fp.sigma2) == p.sigma2
+    assert (float(fp.lmin), float(fp.lmax)) == (p.lambda_min, p.lambda_max)
+
+
+def test_params_json_of_earlier_versions_stays_readable(tmp_path):
+    """Runs written before the rename (wavelengths as lmin/lmax) are read and resumed."""
+    p = presets.tiny()
+    old = runs.run_params(p)
+    old["lmin"], old["lmax"] = old.pop("lambda_min"), old.pop("lambda_max")
+    assert presets.Preset.from_dict(old) == p
+    RunStore.open(tmp_path, old)  # an old run directory
+    RunStore.open(tmp_path, runs.run_params(p), upgrade=runs._upgrade_params)  # resumes it
+    with pytest.raises(ValueError, match="lambda_max"):
+        RunStore.open(tmp_path, runs.run_params(p.replace(lambda_max=50.0)),
+                      upgrade=runs._upgrade_params)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +64,10 @@ def test_preset_roundtrips_through_params_json():
         ({"nside": 6}, "nside"),
         ({"n_realisations": 1}, "n_realisations"),
         ({"rL": -0.1}, "rL"),
-        ({"lmin": 200.0}, "lmin"),
+        ({"lambda_min": 200.0}, "lambda_min"),
+        ({"sigma2": 0.0}, "sigma2"),
+        ({"b0_direction": (0.0, 0.0, 0.0)}, "b0_direction"),
+        ({"seed": -1}, "seed"),
         ({"ell_max": 40}, "ell_max"),
         ({"fig3_t_omega": (1.0, 2.0, 3.0)}, "fig3_t_omega"),
         ({"t_omega": (2.0, 1.0, 4.0, 8.0)}, "t_omega"),
@@ -66,7 +85,7 @@ def test_preset_rejects_bad_values(change, match):
 
 def test_gradient_directions_parallel_and_perpendicular():
     p = presets.tiny().replace(b0_direction=(1.0, 2.0, 2.0), grad=0.5)
-    g_par, g_perp = rp.gradient_directions(p)
+    g_par, g_perp = runs.gradient_directions(p)
     b = np.array([1.0, 2.0, 2.0]) / 3.0
     np.testing.assert_allclose(g_par, 0.5 * b, rtol=1e-15)
     np.testing.assert_allclose(np.linalg.norm(g_perp), 0.5, rtol=1e-15)
@@ -176,28 +195,61 @@ def test_tiny_run_writes_everything(tiny_run):
     assert prov["backend"] and prov["versions"]["jax"] and read_params(out)["params"]["dtype"]
 
 
-def test_tiny_run_arrays_are_consistent(tiny_run):
-    """Checks against relations the pipeline does not use to compute them."""
+@pytest.fixture(scope="module")
+def independent_positions():
+    """r(−T; p̂) of every realisation of the tiny preset, computed without the pipeline: one
+    ``crjax.backtrack`` per realisation with the documented key fold_in(PRNGKey(seed), r)."""
+    import jax
+
+    from crjax import backtrack, healpix_directions, realise_field
+
+    p = presets.tiny()
+    key = jax.random.PRNGKey(p.seed)
+    dirs = healpix_directions(p.nside)
+    pos = [np.asarray(backtrack(realise_field(jax.random.fold_in(key, r), p.field_params()),
+                                dirs, p.times, rL=p.rL).positions)
+           for r in range(p.n_realisations)]
+    return np.stack(pos)  # (n, nt, npix, 3)
+
+
+def test_tiny_run_matches_an_independent_recomputation(tiny_run, independent_positions):
+    """Every array of results.npz against numpy/healpy on positions from crjax.backtrack (not
+    run_ensemble, not the pipeline's reducer or estimators). Tolerance: the two engines' paths
+    (vmap over realisations and devices vs one call) differ by round-off in the positions, which
+    the short horizon (tΩ ≤ 8, λ_L·T ≲ 1) does not amplify: 1e-9 relative leaves 10⁶ of margin
+    over fp64 round-off and still catches any wrong factor, index or average."""
     out, _ = tiny_run
     r = read_results(out)
     p = presets.tiny()
-    nt, L = len(p.t_omega), p.ell_max + 1
-    assert r["cl_par"].shape == (nt, L) and r["cl_par_realisations"].shape == (3, nt, L)
-    # ⟨C_ℓ⟩ is the plain mean over realisations; Ĉ_ℓ = ⟨C_ℓ⟩ − N.
-    np.testing.assert_allclose(r["cl_par"], r["cl_par_realisations"].mean(0), rtol=1e-13)
-    np.testing.assert_allclose(r["chat_perp"], r["cl_perp"] - r["noise_perp"][:, None], rtol=1e-12,
-                               atol=1e-15)
-    # Noise (3.1): N = 4π/Npix · 2T g·K·g; with g ∥ ẑ this is 4π/Npix · 2T K_zz.
-    np.testing.assert_allclose(r["noise_par"], 4 * np.pi / p.npix * 2 * p.times * r["K"][:, 2, 2],
-                               rtol=1e-12)
-    # Diffusion-tensor bookkeeping (B0 ∥ ẑ): K_∥ = K_zz, K_⊥ = (K_xx + K_yy)/2.
-    np.testing.assert_allclose(r["K_par"], r["K"][:, 2, 2], rtol=1e-12)
-    np.testing.assert_allclose(r["K_perp"], (r["K"][:, 0, 0] + r["K"][:, 1, 1]) / 2, rtol=1e-12)
-    # Standard-diffusion dipole ≤ ensemble dipole (Cauchy–Schwarz on ⟨r⟩ vs ⟨r r⟩; seed §3).
-    assert np.all(r["dipole_std_par"] <= r["cl_par"][:, 1] * (1 + 1e-12))
-    # Sky map = r·g of realisation 0 at the last time: its C_ℓ (healpy) is that realisation's.
-    cl0 = hp.anafast(r["sky_par"], lmax=p.ell_max, iter=0)
-    np.testing.assert_allclose(cl0, r["cl_par_realisations"][0, -1], rtol=1e-10)
+    x = independent_positions
+    n, nt, npix, _ = x.shape
+    T = p.times
+    g_par, g_perp = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])  # B0 ∥ ẑ, |g| = 1
+    rtol = 1e-9
+    # K_ij(T) = ⟨r_i r_j⟩/(2T) over directions and realisations (docs/physics.md §1).
+    K = np.einsum("rtpi,rtpj->tij", x, x) / (n * npix) / (2 * T[:, None, None])
+    np.testing.assert_allclose(r["K"], K, rtol=rtol)
+    np.testing.assert_allclose(r["K_par"], K[:, 2, 2], rtol=rtol)
+    np.testing.assert_allclose(r["K_perp"], (K[:, 0, 0] + K[:, 1, 1]) / 2, rtol=rtol)
+    # K̃ (2.4): all N² ordered direction pairs, written out as a pair sum.
+    d = x[:, :, :, None, :] - x[:, :, None, :, :]  # (n, nt, npix, npix, 3)
+    Kt = np.einsum("rtabi,rtabj->tij", d, d) / (n * npix**2) / (4 * T[:, None, None])
+    np.testing.assert_allclose(r["Ktilde"], Kt, rtol=rtol)
+    for side, g in (("par", g_par), ("perp", g_perp)):
+        maps = x @ g  # δI = r·g (2.1), (n, nt, npix)
+        cl = np.array([[hp.anafast(maps[i, t], lmax=p.ell_max, iter=0) for t in range(nt)]
+                       for i in range(n)])  # (2.2) by healpy
+        np.testing.assert_allclose(r[f"cl_{side}_realisations"], cl, rtol=rtol, atol=1e-14)
+        np.testing.assert_allclose(r[f"cl_{side}"], cl.mean(0), rtol=rtol, atol=1e-14)
+        noise = 4 * np.pi / npix * 2 * T * np.einsum("i,tij,j->t", g, K, g)  # (3.1)
+        np.testing.assert_allclose(r[f"noise_{side}"], noise, rtol=rtol)
+        np.testing.assert_allclose(r[f"chat_{side}"], cl.mean(0) - noise[:, None], rtol=rtol,
+                                   atol=1e-14)
+        # "standard diffusion": C_1 of the ensemble-averaged map (seed Fig. 2, magenta)
+        dip = [hp.anafast(maps[:, t].mean(0), lmax=1, iter=0)[1] for t in range(nt)]
+        np.testing.assert_allclose(r[f"dipole_standard_diffusion_{side}"], dip, rtol=rtol)
+        assert np.all(r[f"dipole_standard_diffusion_{side}"] <= r[f"cl_{side}"][:, 1])
+    np.testing.assert_allclose(r["sky_par"], (x @ g_par)[0, -1], rtol=rtol, atol=1e-14)
 
 
 def test_lost_chunk_is_recomputed_bit_identically(tiny_run, tmp_path):
@@ -207,7 +259,7 @@ def test_lost_chunk_is_recomputed_bit_identically(tiny_run, tmp_path):
     for f in ("params.json", "chunk_00000.npz"):  # chunk 1 and the final files "lost"
         (copy / f).write_bytes((out / f).read_bytes())
     (copy / "chunk_00001.npz.tmp-123").write_bytes(b"partial")
-    _, b = rp.simulate(presets.tiny(), copy, progress=False)  # the analysis is a pure function
+    _, b = runs.simulate(presets.tiny(), copy, progress=False)  # the analysis is a pure function
     a = _chunks(out)
     assert set(a) == set(b) and not list(copy.glob("*.tmp-*"))
     for k in a:
@@ -228,10 +280,12 @@ def test_kill_9_of_the_cli_then_resume_is_bit_identical(tiny_run, tmp_path):
     """A real ``kill -9`` of ``crjax simulate`` after its first chunk, then resume."""
     out, _ = tiny_run
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "crjax.cli", "simulate", "--preset", "tiny", "--out", str(run),
+    cmd = [sys.executable, "-m", "inference.cli", "simulate", "--preset", "tiny", "--out", str(run),
            "--no-progress"]
     # Slow the child's second chunk down so the kill lands between chunk 0 and chunk 1.
-    env = dict(os.environ, CRJAX_TEST_CHUNK_DELAY="60")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CRJAX_TEST_CHUNK_DELAY="60",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, env=env)
     try:
         deadline = time.time() + 240
@@ -245,14 +299,14 @@ def test_kill_9_of_the_cli_then_resume_is_bit_identical(tiny_run, tmp_path):
     assert not (run / "chunk_00001.npz").exists() and not (run / "results.npz").exists()
     store = RunStore.open(run, read_params(run)["params"])
     assert store.missing_chunks() == [1]
-    _, b = rp.simulate(presets.tiny(), run, progress=False)  # resume in-process (warm jit)
+    _, b = runs.simulate(presets.tiny(), run, progress=False)  # resume in-process (warm jit)
     a = _chunks(out)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_plot_command_redraws_the_figures(tiny_run, capsys):
-    from crjax import cli
+    from inference import cli
 
     out, _ = tiny_run
     for f in ("fig2.png", "fig3.png", "skymap.png"):

@@ -103,6 +103,57 @@ def test_bad_params_and_reserved_names(tmp_path):
         store.read_chunks()
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "not a zip"])
+def test_damaged_chunk_is_named_and_recomputed(damage, tmp_path):
+    store = RunStore.open(tmp_path, PARAMS)
+    full = store.run(_compute(5))
+    path = store.chunk_path(1)
+    data = bytearray(path.read_bytes())
+    if damage == "flipped byte":  # inside the stored array data: only the zip checksum sees it
+        i = data.index(np.asarray(full["x"][3]).tobytes()[:8])
+        data[i + 3] ^= 0x01
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"garbage" * 10)
+    path.write_bytes(bytes(data))
+    calls = []
+
+    def spy(a, b):
+        calls.append((a, b))
+        return _compute(5)(a, b)
+
+    again = RunStore.open(tmp_path, PARAMS)
+    with pytest.warns(UserWarning, match=r"chunk_00001\.npz will be recomputed"):
+        out = again.run(spy)
+    assert calls == [(3, 6)]
+    for k in full:
+        np.testing.assert_array_equal(full[k], out[k])
+
+
+def test_corrupt_params_json_is_named(tmp_path):
+    RunStore.open(tmp_path, PARAMS)
+    (tmp_path / "params.json").write_bytes(b"\x00\xff{")
+    with pytest.raises(ValueError, match="params.json"):
+        RunStore.open(tmp_path, PARAMS)
+    (tmp_path / "params.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        RunStore.open(tmp_path, PARAMS)
+    (tmp_path / "params.json").write_text('{"provenance": {}}')
+    with pytest.raises(ValueError, match="no 'params' object"):
+        RunStore.open(tmp_path, PARAMS)
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "foreign directory"])
+def test_unusable_directory_is_refused_before_writing(case, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    d = {"existing file": f, "under a file": f / "run", "foreign directory": tmp_path}[case]
+    with pytest.raises(ValueError, match=str(d)):
+        RunStore.open(d, PARAMS)
+    assert f.read_text() == "x" and not (tmp_path / "params.json").exists()
+
+
 def test_final_files_roundtrip(tmp_path):
     from crjax.results import read_results, read_summary
 

@@ -1,4 +1,4 @@
-"""Backtracking: analytic helices, invariants, reversibility, sign convention, ensembles, gradients.
+"""Backtracking: analytic helices, invariants, reversibility, sign convention, devices, gradients.
 
 References we did not write: the analytic helix in a uniform field (and the Boris map's known
 exact discrete helix, Ω' = (2/h) arctan(Ωh/2)), Taylor expansion of the Lorentz force at t → 0,
@@ -14,18 +14,13 @@ import pytest
 from jax.test_util import check_grads
 
 import crjax
-from crjax.backtrack import (
-    Trajectory,
-    _auto_substeps,
-    _propagate_jit,
-    _step_grid,
-    backtrack,
-    propagate,
-    run_ensemble,
-)
+from crjax.backtracking import Trajectory, _propagate_jit, backtrack, propagate
+from crjax.engine import _auto_substeps, _step_grid
 from crjax.field import FieldParams, realise_field, uniform_field
 
 RL = 0.1
+# rtol 1e-10, atol 1e-12: the adaptive reference's tolerances in the tests below
+TIGHT = diffrax.PIDController(rtol=1e-10, atol=1e-12)
 TIMES = np.array([0.05, 0.3, 1.0])  # tΩ = 0.5, 3, 10
 EPS64 = np.finfo(np.float64).eps
 
@@ -112,7 +107,7 @@ def test_boris_second_order_in_dt(dirs, b0_only):
 
 @pytest.fixture(scope="module")
 def b0_rk(dirs, b0_only):
-    return backtrack(b0_only, dirs, TIMES, rL=RL, solver="tsit5", rtol=1e-10, atol=1e-12)
+    return backtrack(b0_only, dirs, TIMES, rL=RL, solver=diffrax.Tsit5(), stepsize_controller=TIGHT)
 
 
 def test_adaptive_rk_matches_helix(dirs, b0_rk):
@@ -125,7 +120,7 @@ def test_adaptive_rk_matches_helix(dirs, b0_rk):
 @pytest.mark.slow
 def test_dopri8_matches_helix(dirs, b0_only):
     pos, _vel = _helix(np.asarray(dirs), TIMES, RL, TIMES / RL)
-    tr = backtrack(b0_only, dirs, TIMES, rL=RL, solver="dopri8", rtol=1e-10, atol=1e-12)
+    tr = backtrack(b0_only, dirs, TIMES, rL=RL, solver="dopri8", stepsize_controller=TIGHT)
     np.testing.assert_allclose(tr.positions, pos, rtol=0, atol=1e-8)
 
 
@@ -193,16 +188,15 @@ def test_boris_speed_and_reversibility(dirs, turb):
 
 
 def test_rk_reversibility(dirs, turb):
-    tr = backtrack(turb, dirs, TIMES, rL=RL, solver="tsit5", rtol=1e-10, atol=1e-12)
+    tr = backtrack(turb, dirs, TIMES, rL=RL, solver="tsit5", stepsize_controller=TIGHT)
     fwd = propagate(
         turb,
         tr.positions[-1],
         tr.velocities[-1],
         TIMES,
         rL=RL,
-        solver="tsit5",
-        rtol=1e-10,
-        atol=1e-12,
+        solver=diffrax.Tsit5(),
+        stepsize_controller=TIGHT,
     )
     # rtol 1e-10 per step, ~1000 steps each way, chaos over tΩ = 10 (e^{λT} ≲ 1e3): 1e-5
     np.testing.assert_allclose(fwd.positions[-1], 0.0, atol=1e-5)
@@ -254,7 +248,11 @@ def test_device_split_adaptive(turb):
 
 def _split_observable(field, rL, devices):
     tr = backtrack(
-        field, crjax.healpix_directions(1)[:5], np.array([0.05]), rL=rL, dt=RL / 20,
+        field,
+        crjax.healpix_directions(1)[:5],
+        np.array([0.05]),
+        rL=rL,
+        dt=RL / 20,
         devices=devices,
     )
     return jnp.sum(tr.positions[-1] ** 2 * jnp.arange(1.0, 6.0)[:, None])
@@ -294,28 +292,171 @@ def test_no_recompile_same_shapes(dirs, turb):
     assert _propagate_jit._cache_size() == size
 
 
+def test_no_recompile_adaptive_tolerances(turb):
+    # PID tolerances are traced leaves of the plan: new values, same code. (A new dt changes the
+    # default max_steps, a static loop bound, so it does recompile.)
+    p, t = crjax.healpix_directions(1)[:5], np.array([0.05])
+    a = backtrack(turb, p, t, rL=RL, solver="tsit5", devices=1)
+    size = _propagate_jit._cache_size()
+    ctrl = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+    b = backtrack(turb, p, t, rL=RL, solver="tsit5", stepsize_controller=ctrl, devices=1)
+    assert _propagate_jit._cache_size() == size
+    # and they are used: looser tolerances take fewer steps
+    assert np.all(b.num_steps < a.num_steps)
+
+
+def test_solver_objects_and_names_agree(turb):
+    p, t = crjax.healpix_directions(1)[:5], np.array([0.05])
+    by_name = backtrack(turb, p, t, rL=RL, solver="tsit5", devices=1)
+    by_object = backtrack(turb, p, t, rL=RL, solver=diffrax.Tsit5(), devices=1)
+    default_pid = diffrax.PIDController(rtol=1e-8, atol=1e-10)  # the documented default
+    explicit = backtrack(
+        turb, p, t, rL=RL, solver=diffrax.Tsit5(), stepsize_controller=default_pid, devices=1
+    )
+    for tr in (by_object, explicit):
+        np.testing.assert_array_equal(tr.positions, by_name.positions)
+        np.testing.assert_array_equal(tr.num_steps, by_name.num_steps)
+
+
+def test_engine_module_and_keyword_override(dirs, turb):
+    # crjax.Boris() with any substeps: the plan chooses substeps, so the result is the default's.
+    default = backtrack(turb, dirs, TIMES, rL=RL)
+    engine = crjax.Engine(solver=crjax.Boris(substeps=3), devices=1)
+    via_engine = backtrack(turb, dirs, TIMES, rL=RL, engine=engine)
+    # keywords replace the engine's fields: devices=2 (the default) again
+    overridden = backtrack(turb, dirs, TIMES, rL=RL, engine=engine, devices=2)
+    np.testing.assert_allclose(via_engine.positions, default.positions, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(overridden.positions, default.positions)
+
+
+NAN3 = np.array([[1.0, 0.0, 0.0], [np.nan, 0.0, 1.0], [0.0, 1.0, 0.0]])
+INF3 = np.array([[1.0, 0.0, 0.0], [0.0, np.inf, 1.0], [0.0, 1.0, 0.0]])
+ZERO3 = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        # rL: zero, negative, non-finite
         ({"rL": 0.0}, "rL"),
         ({"rL": -1.0}, "rL"),
+        ({"rL": np.nan}, "rL"),
+        ({"rL": np.inf}, "rL"),
+        ({"rL": np.array([0.1, 0.2])}, "rL must be a real scalar"),
+        # dt: zero, negative, non-finite, not a scalar, not a number, too small to count in int32
         ({"rL": 0.1, "dt": 0.0}, "dt"),
+        ({"rL": 0.1, "dt": -0.01}, "dt"),
+        ({"rL": 0.1, "dt": np.nan}, "dt"),
+        ({"rL": 0.1, "dt": np.inf}, "dt"),
+        ({"rL": 0.1, "dt": [0.01, 0.02]}, "dt"),
+        ({"rL": 0.1, "dt": "0.01"}, "dt"),
+        ({"rL": 0.1, "dt": True}, "dt"),
+        ({"rL": 0.1, "dt": 1e-12}, "dt"),
+        # times: empty, unsorted, non-positive, non-finite, not 1-D
         ({"rL": 0.1, "times": []}, "times"),
         ({"rL": 0.1, "times": [0.2, 0.1]}, "times"),
         ({"rL": 0.1, "times": [0.0, 0.1]}, "times"),
+        ({"rL": 0.1, "times": [0.1, np.nan]}, "times"),
+        ({"rL": 0.1, "times": [0.1, np.inf]}, "times"),
+        ({"rL": 0.1, "times": [[0.1]]}, "times"),
+        # directions: shape, NaN, inf, zero vectors, empty, nside
         ({"rL": 0.1, "directions": np.ones((4, 2))}, "directions"),
-        ({"rL": 0.1, "solver": "euler"}, "solver"),
-        ({"rL": 0.1, "dtype": jnp.int32}, "dtype"),
-        ({"rL": 0.1, "solver": "tsit5", "max_steps": 0}, "max_steps"),
-        ({"rL": 0.1, "max_steps": 3}, "max_steps"),
+        ({"rL": 0.1, "directions": np.ones(3)}, "directions"),
+        ({"rL": 0.1, "directions": np.ones((0, 3))}, "directions"),
+        ({"rL": 0.1, "directions": NAN3}, r"directions must be finite; rows \[1\]"),
+        ({"rL": 0.1, "directions": INF3}, r"directions must be finite; rows \[1\]"),
+        ({"rL": 0.1, "directions": ZERO3}, r"directions must be non-zero.*rows \[1\]"),
+        ({"rL": 0.1, "directions": np.full((2, 3), 1e-200), "dtype": jnp.float32}, "non-zero"),
+        ({"rL": 0.1, "directions": "north"}, "directions"),
         ({"rL": 0.1, "directions": 0}, "nside"),
+        ({"rL": 0.1, "directions": 3}, "nside"),
+        # engine settings
+        ({"rL": 0.1, "solver": "euler"}, "solver must be one of"),
+        ({"rL": 0.1, "solver": 3}, "solver"),
+        ({"rL": 0.1, "solver": diffrax.Tsit5}, r"solver must be a solver object.*Tsit5\(\)"),
+        ({"rL": 0.1, "dtype": jnp.int32}, "dtype"),
+        ({"rL": 0.1, "dtype": "complex128"}, "dtype"),
+        ({"rL": 0.1, "dtype": "no-such-type"}, "dtype"),
+        ({"rL": 0.1, "solver": "tsit5", "max_steps": 0}, "max_steps"),
+        ({"rL": 0.1, "max_steps": 2.5}, "max_steps"),
+        ({"rL": 0.1, "max_steps": 3}, "max_steps must be >= 20"),
+        ({"rL": 0.1, "adjoint": "forward"}, "adjoint"),
+        ({"rL": 0.1, "devices": 0}, "devices"),
+        ({"rL": 0.1, "devices": -1}, "devices"),
+        ({"rL": 0.1, "devices": 1.5}, "devices"),
+        ({"rL": 0.1, "devices": True}, "devices"),
+        ({"rL": 0.1, "devices": 3}, r"devices must be in \[1, 2\]"),
+        ({"rL": 0.1, "stepsize_controller": diffrax.ConstantStepSize()}, "stepsize_controller"),
+        ({"rL": 0.1, "solver": "tsit5", "stepsize_controller": "pid"}, "stepsize_controller"),
+        (
+            {"rL": 0.1, "solver": diffrax.Euler(), "stepsize_controller": TIGHT},
+            "stepsize_controller PIDController needs an adaptive solver",
+        ),
+        (
+            {
+                "rL": 0.1,
+                "solver": "tsit5",
+                "stepsize_controller": diffrax.PIDController(rtol=np.nan, atol=1e-10),
+            },
+            "stepsize_controller.rtol",
+        ),
+        (
+            {
+                "rL": 0.1,
+                "solver": "tsit5",
+                "stepsize_controller": diffrax.PIDController(rtol=1e-8, atol=-1.0),
+            },
+            "stepsize_controller.atol",
+        ),
+        (
+            {
+                "rL": 0.1,
+                "solver": "tsit5",
+                "stepsize_controller": diffrax.PIDController(rtol=0.0, atol=0.0),
+            },
+            "both be 0",
+        ),
+        ({"rL": 0.1, "rtol": 1e-9}, r"unknown engine setting.*rtol.*PIDController"),
+        ({"rL": 0.1, "engine": "boris"}, "engine must be a crjax.Engine"),
+        # physics parameters
+        ({"rL": 0.1, "b_ref": 0.0}, "b_ref"),
+        ({"rL": 0.1, "b_ref": np.nan}, "b_ref"),
+        ({"rL": 0.1, "b_ref": np.ones(3)}, "b_ref must be a real scalar"),
+        ({"rL": 0.1, "field": lambda x: x, "directions": np.eye(3)}, "b_ref must be given"),
+        ({"rL": 0.1, "field": "uniform"}, "field must be a callable"),
+        (
+            {
+                "rL": 0.1,
+                "field": eqx.tree_at(lambda f: f.b0, uniform_field(), jnp.array([0, 0, np.nan])),
+            },
+            r"field\.b0 contains NaN",
+        ),
     ],
 )
 def test_bad_input(kwargs, match):
-    args = {"directions": np.eye(3), "times": [0.1]}
+    # every class of bad input: a ValueError naming the parameter, before anything is compiled
+    args = {"directions": np.eye(3), "times": [0.1], "field": uniform_field()}
     args.update(kwargs)
+    field, directions, times = args.pop("field"), args.pop("directions"), args.pop("times")
     with pytest.raises(ValueError, match=match):
-        backtrack(uniform_field(), args.pop("directions"), args.pop("times"), **args)
+        backtrack(field, directions, times, **args)
+
+
+@pytest.mark.parametrize(
+    "positions, velocities, kwargs, match",
+    [
+        (NAN3, np.eye(3), {}, "positions must be finite"),
+        (INF3, np.eye(3), {}, "positions must be finite"),
+        (np.zeros((3, 3)), NAN3, {}, "velocities must be finite"),
+        (np.zeros((3, 3)), ZERO3, {}, "velocities must be non-zero"),
+        (np.zeros((2, 3)), np.eye(3), {}, "same shape"),
+        (np.zeros((3, 3)), np.eye(3), {"charge": np.nan}, "charge"),
+        (np.zeros((3, 3)), np.eye(3), {"charge": np.array([1.0, -1.0])}, "charge"),
+    ],
+)
+def test_propagate_bad_input(positions, velocities, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        propagate(uniform_field(), positions, velocities, [0.1], rL=0.1, **kwargs)
 
 
 def test_zero_regular_field_needs_b_ref(dirs, turb):
@@ -324,58 +465,6 @@ def test_zero_regular_field_needs_b_ref(dirs, turb):
         backtrack(f0, dirs, TIMES, rL=RL)
     tr = backtrack(f0, dirs, TIMES, rL=RL, b_ref=1.0)
     assert np.all(np.isfinite(tr.positions))
-
-
-# --------------------------------------------------------------------------------------------
-# ensembles
-
-
-def _moments(traj):
-    return jnp.einsum("...ni,...nj->...ij", traj.positions, traj.positions)
-
-
-def test_run_ensemble_chunking_and_resume(key, dirs):
-    # 64 modes and 48 directions: the direct backtracks below reuse the module's compiled code
-    params = FieldParams(n_modes=64)
-    seen = []
-    full = run_ensemble(
-        params,
-        key,
-        4,
-        dirs,
-        TIMES,
-        rL=RL,
-        chunk_size=2,
-        on_chunk=lambda i, r: seen.append((i, r.positions.shape[0])),
-    )
-    assert seen == [(0, 2), (2, 2)]
-    # Without a reducer: stacked Trajectories with a leading realisation axis.
-    assert isinstance(full, Trajectory) and full.positions.shape == (4, 3, 48, 3)
-    # Realisation r uses fold_in(key, r): a resumed run and a direct backtrack of that field give
-    # the same numbers, so nothing depends on chunking. (A few ulp: XLA may vectorise the
-    # vmapped and the single computation differently.)
-    resumed = run_ensemble(params, key, 4, dirs, TIMES, rL=RL, chunk_size=2, start=2)
-    np.testing.assert_array_equal(resumed.positions, full.positions[2:])
-    for r in (0, 3):
-        direct = backtrack(realise_field(jax.random.fold_in(key, r), params), dirs, TIMES, rL=RL)
-        np.testing.assert_allclose(full.positions[r], direct.positions, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(full.velocities[r], direct.velocities, rtol=0, atol=1e-12)
-    # A reducer runs inside the jit and returns per-realisation summaries.
-    red = run_ensemble(params, key, 2, dirs, TIMES, rL=RL, chunk_size=2, reducer=_moments)
-    np.testing.assert_allclose(red, _moments(full)[:2], rtol=1e-12, atol=1e-15)
-
-
-def test_run_ensemble_bad_input(key):
-    dirs = crjax.healpix_directions(1)
-    params = FieldParams(n_modes=4)
-    with pytest.raises(ValueError, match="n_realisations"):
-        run_ensemble(params, key, 0, dirs, TIMES, rL=RL)
-    with pytest.raises(ValueError, match="start"):
-        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, start=2)
-    with pytest.raises(ValueError, match="chunk_size"):
-        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, chunk_size=0)
-    with pytest.raises(ValueError, match="reducer"):
-        run_ensemble(params, key, 2, dirs, TIMES, rL=RL, reducer=lambda tr: jnp.sum(tr.positions))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,96 +511,3 @@ def test_boris_speed_conserved_1e5_steps():
     # Round-off random walk over 1e5 pushes: ~√1e5·eps ≈ 7e-14; 1e-12 allows a biased walk.
     print(f"max ||v|-1| after {int(tr.num_steps[0])} Boris pushes: {np.abs(speed - 1).max():.2e}")
     assert np.abs(speed - 1).max() < 1e-12
-
-
-@pytest.mark.slow
-def test_boris_and_rk_agree_statistically(key):
-    """K_∥, K_⊥ (seed field) from Boris at the default step and Tsit5 (rtol 1e-8) agree."""
-    from crjax.transport import diffusion_tensor_from_moments, parallel_perpendicular
-
-    params = FieldParams()
-    dirs = crjax.healpix_directions(4)
-    times = np.array([2.0, 5.0])  # tΩ = 20, 50
-    red = lambda tr: jnp.einsum("rtni,rtnj->rtij", tr.positions, tr.positions) / 192
-    out = {}
-    for solver in ("boris", "tsit5"):
-        m = np.asarray(
-            run_ensemble(
-                params, key, 8, dirs, times, rL=RL, chunk_size=4, reducer=red, solver=solver
-            )
-        )
-        out[solver] = np.stack(parallel_perpendicular(m / (2 * times[:, None, None]), [0, 0, 1]))
-    # Same realisations: compare the paired per-realisation differences with their spread.
-    d = out["boris"] - out["tsit5"]  # (2, nreal, ntimes)
-    mean, se = d.mean(1), d.std(1, ddof=1) / np.sqrt(d.shape[1])
-    ref = out["tsit5"].mean(1)
-    print("K_par, K_perp (tsit5):", ref, "\nBoris - tsit5:", mean, "+-", se)
-    assert np.all(np.abs(mean) < 3 * se + 0.02 * np.abs(ref))
-    _K, err = diffusion_tensor_from_moments(m, times)
-    assert np.all(np.isfinite(err))
-
-
-@pytest.mark.slow
-def test_slab_quasilinear_pitch_angle_diffusion(key):
-    """D_μμ(μ) from ⟨Δμ²⟩/(2t) vs quasi-linear theory (physics.md §7), σ² ≪ 1, slab, within 10%.
-
-    Setup, and why: σ² = 3e-4 so that μ moves little (2D_μμ t ≲ 0.1 μ²) — QLT's unperturbed orbits;
-    tΩ = 100 so that (i) the resonance window Δk/k ≈ π/(Ωt) = 3% holds ~7 of the 1024 log-spaced
-    modes (λ from 0.01 to 1 Lc: 2 decades), i.e. the discrete spectrum acts as a continuum, and
-    (ii) the bounded, non-resonant tilt of μ by the large-scale modes (~σ²) is small against 2D_μμ t.
-    λmax = 1 Lc drops the k < 2π modes that would only add that tilt; the resonances
-    k_res = Ω/μ = 14–33 lie well inside the spectrum.
-    """
-    from scipy.integrate import quad
-
-    sigma2, rL, lmin, lmax = 3e-4, 0.1, 0.01, 1.0
-    params = FieldParams(sigma2=sigma2, lmin=lmin, lmax=lmax, geometry="slab", n_modes=1024)
-    mus = np.array([0.3, 0.5, 0.7])
-    phi = np.linspace(0, 2 * np.pi, 32, endpoint=False)  # gyro-phases on each ring of fixed μ
-    p = np.concatenate(
-        [
-            np.stack(
-                [
-                    np.sqrt(1 - m**2) * np.cos(phi),
-                    np.sqrt(1 - m**2) * np.sin(phi),
-                    np.full_like(phi, m),
-                ],
-                -1,
-            )
-            for m in mus
-        ]
-    )
-    times = np.array([5.0, 10.0])  # tΩ = 50, 100
-    n_real = 64
-    mu_t = run_ensemble(
-        params, key, n_real, p, times, rL=rL, chunk_size=8, reducer=lambda tr: tr.velocities[..., 2]
-    )  # (nreal, ntimes, npix)
-    mu_t = np.asarray(mu_t).reshape(n_real, len(times), len(mus), len(phi))
-    per_real = ((mu_t - mus[None, None, :, None]) ** 2).mean(3) / (2 * times[None, :, None])
-    d_sim = per_real.mean(0)  # (ntimes, nmu)
-    # Statistical error over realisations (the 32 phases share one field, so they are not
-    # independent): with ~7 resonant modes per realisation it is ~5-10% here.
-    d_err = per_real.std(0, ddof=1) / np.sqrt(n_real)
-    # QLT: D = π Ω² (1−μ²) P(k_res)/(B0² |μ|), P per transverse component, two-sided, with
-    # ∫P dk = σ²/2 over −∞..∞. G_n = k³/(1+k^γ) on log-spaced k means E(k) ∝ k²/(1+k^γ) (one-
-    # sided, on [2π/λmax, 2π/λmin]), so P(k) = (σ²/2)·E(|k|)/(2∫E dk).
-    E = lambda k: k**2 / (1 + k ** (11 / 3))
-    norm = quad(E, 2 * np.pi / lmax, 2 * np.pi / lmin, limit=500)[0]
-    omega = 1 / rL
-    P = 0.5 * sigma2 * E(omega / mus) / (2 * norm)
-    d_qlt = np.pi * omega**2 * (1 - mus**2) * P / mus
-    ratio, ratio_err = d_sim[-1] / d_qlt, d_err[-1] / d_qlt
-    print(
-        "mu:",
-        mus,
-        "\nD_sim (tΩ=50, 100):",
-        d_sim,
-        "\nD_QLT:",
-        d_qlt,
-        "\nratio at tΩ=100:",
-        ratio,
-        "+-",
-        ratio_err,
-    )
-    # QLT within 10% (physics.md §7), beyond the statistical error of 64 realisations (2σ).
-    assert np.all(np.abs(ratio - 1) < 0.10 + 2 * ratio_err)
