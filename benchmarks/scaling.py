@@ -10,7 +10,7 @@ through the collective). The machine is shared, so the configurations are interl
 rotates every round) and the best of ``--rounds`` rounds is kept for each.
 
 Workload (default): the seed's field shape with 64 modes, nside 4 (192 particles), 8 realisations,
-rL = 0.1 Lc, tΩ = 20 (Boris, dt = rL/20: 400 pushes), float64. A particle-step is one Boris push of
+rL = 0.1 Lc, tΩ = 50 (Boris, dt = rL/20: 1000 pushes), float64. A particle-step is one Boris push of
 one particle.
 
     python benchmarks/scaling.py                # ~3-5 min on 2 busy cores
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--nside", type=int, default=4)
     ap.add_argument("--realisations", type=int, default=8)
     ap.add_argument("--modes", type=int, default=64)
-    ap.add_argument("--t-omega", type=float, default=20.0)
+    ap.add_argument("--t-omega", type=float, default=50.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per launch")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)

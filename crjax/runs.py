@@ -1,7 +1,7 @@
 """The simulation stage of the main job: an ensemble run into a resumable ``RunStore``.
 
 Realisations r = 0..n−1 (key ``fold_in(PRNGKey(seed), r)``) are backtracked chunk by chunk
-(``crjax.backtrack.run_ensemble``); each chunk is reduced on the device to small per-realisation
+(``crjax.ensemble.run_ensemble``); each chunk is reduced on the device to small per-realisation
 summaries and written atomically (``crjax.results.RunStore``): C_ℓ(T) for g ∥ B0 and g ⊥ B0
 (2.2), the direction-averaged moments ⟨r_i r_j⟩ (for K_ij), relative diffusion K̃ (2.4), the
 chunk's summed δI maps (for the standard-diffusion dipole) and one sky map.
@@ -89,7 +89,7 @@ def simulate(
     the standard-diffusion dipole). ``n`` counts realisations, in order. ``preset`` is validated
     in full (it is a ``Preset``) before anything is written.
     """
-    from .backtrack import run_ensemble
+    from .ensemble import run_ensemble
     from .sky import healpix_directions
 
     if not isinstance(preset, Preset):
