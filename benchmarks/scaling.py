@@ -4,7 +4,9 @@
 Each configuration runs ``crjax.distributed.ensemble_sum`` (realisations sharded over the mesh of
 all devices of all processes, per-realisation summaries all-gathered and summed in order) in fresh
 processes: ``1dev`` = one process with one JAX CPU device, ``2dev`` = one process with two,
-``2proc`` = two processes with one each. A worker compiles and runs once, then times ``--calls``
+``2proc`` = two processes with one each; by default every device runs one thread
+(``--xla_cpu_multi_thread_eigen=false``), so a device is a core (``--no-pin``: XLA's default,
+where one device already spreads single operations over the cores). A worker compiles and runs once, then times ``--calls``
 calls (best), between barriers; a 2-process time is process 0's (it includes waiting for the other
 through the collective). The machine is shared, so the configurations are interleaved (the order
 rotates every round) and the best of ``--rounds`` rounds is kept for each.
@@ -93,6 +95,8 @@ def _launch(config: str, args, timeout: float) -> dict:
     ndev_local, nproc = {"1dev": (1, 1), "2dev": (2, 1), "2proc": (1, 2)}[config]
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev_local}"
+    if args.pin:  # one thread per device: "1 device" means one core, not XLA's intra-op pool
+        env["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     port = _free_port()
     base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--num-processes",
@@ -125,6 +129,9 @@ def main() -> None:
     ap.add_argument("--modes", type=int, default=64)
     ap.add_argument("--t-omega", type=float, default=50.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per launch")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="let XLA spread single operations of a device over all cores (default: "
+                         "one thread per device, --xla_cpu_multi_thread_eigen=false)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
@@ -135,7 +142,7 @@ def main() -> None:
         return
     configs = ["1dev", "2dev", "2proc"]
     best: dict[str, dict] = {}
-    print(f"workload: nside {args.nside}, {args.realisations} realisations, {args.modes} modes, "
+    print(f"pinned one thread per device: {args.pin}; workload: nside {args.nside}, {args.realisations} realisations, {args.modes} modes, "
           f"tΩ = {args.t_omega:g}, Boris fp64; {args.rounds} interleaved rounds x {args.calls} "
           f"calls; cores: {len(os.sched_getaffinity(0))}", flush=True)
     for r in range(args.rounds):
@@ -158,6 +165,7 @@ def main() -> None:
         "rounds": args.rounds,
         "calls": args.calls,
         "particle_steps": best["1dev"]["particle_steps"],
+        "one_thread_per_device": args.pin,
     }
     print(f"speed-up 2dev/1dev {rates['2dev'] / rates['1dev']:.2f}x, 2proc/1dev "
           f"{rates['2proc'] / rates['1dev']:.2f}x, 2proc/2dev {summary['ratio_2proc_vs_2dev']:.2f}")

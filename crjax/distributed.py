@@ -33,7 +33,10 @@ import functools
 import math
 import os
 import re
+import time
+import warnings
 from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any
 
 import equinox as eqx
@@ -48,6 +51,7 @@ from ._checks import check_int_at_least, check_positive
 __all__ = [
     "AXIS",
     "ENV_COORDINATOR",
+    "ENV_HEARTBEAT",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
     "ProcessInfo",
@@ -69,9 +73,11 @@ AXIS = "realisations"  #: the mesh axis that realisations are sharded over
 ENV_COORDINATOR = "CRJAX_COORDINATOR"  #: host:port of process 0's coordination service
 ENV_NUM_PROCESSES = "CRJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CRJAX_PROCESS_ID"
+ENV_HEARTBEAT = "CRJAX_HEARTBEAT_TIMEOUT_S"  #: seconds before a silent (dead) process fails the run
 
 # A barrier that outlives any sensible run (the C++ side takes int32 milliseconds: ~24.8 days).
 _FOREVER_MS = 2**31 - 1
+_POLL_S = 0.5  # how often process 0 looks for the other processes' chunks
 _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:(\d{1,5})$")
 
 
@@ -181,6 +187,7 @@ def initialize(
     *,
     local_device_ids: list[int] | None = None,
     timeout_s: int = 300,
+    heartbeat_timeout_s: int | None = None,
 ) -> ProcessInfo:
     """Join (or start) the JAX distributed runtime; must run before JAX computes anything.
 
@@ -191,14 +198,31 @@ def initialize(
     task, ``SLURM_LOCALID``). Otherwise, and for one process, nothing is started: a single process
     with its local devices. On CPUs the cross-process collectives use gloo. Calling it again after a
     successful start is a no-op. Returns ``process_info()``.
+
+    ``timeout_s``: how long to wait for all processes to join. ``heartbeat_timeout_s`` (default
+    ``CRJAX_HEARTBEAT_TIMEOUT_S`` or 100): after this long without a heartbeat from a process that
+    died (``kill -9``, a lost node) the others stop with an error; the chunks on disk stay and the
+    same command resumes. Processes that finish their chunks early wait (without a time limit) for
+    process 0 to finish the analysis before they exit.
     """
     plan = _resolve(coordinator, num_processes, process_id)
     check_int_at_least("timeout_s", timeout_s, 1)
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = _env_int(ENV_HEARTBEAT) or 100
+    check_int_at_least("heartbeat_timeout_s", heartbeat_timeout_s, 1)
     if plan is None or jax.distributed.is_initialized():
         return process_info()
     # CPU collectives across processes: gloo (the default, "none", cannot cross processes).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s)}
+    # A process that dies (kill -9, a lost node) must not take the others down: they finish their
+    # chunks and process 0 computes the dead one's (``run_chunks``).
+    jax.config.update("jax_enable_recoverability", True)
+    kwargs: dict[str, Any] = {
+        "initialization_timeout": int(timeout_s),
+        "heartbeat_timeout_seconds": int(heartbeat_timeout_s),
+        # processes done with their chunks wait in jax's shutdown barrier for process 0's analysis
+        "shutdown_timeout_seconds": _FOREVER_MS // 1000,
+    }
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
     if plan != "auto":
@@ -215,7 +239,7 @@ def initialize(
     return process_info()
 
 
-def barrier(name: str, timeout_s: float | int | None = None) -> None:
+def barrier(name: str, timeout_s: Real | None = None) -> None:
     """Wait until every process reaches the barrier ``name`` (no-op in a single process).
 
     Uses the coordination service of ``jax.distributed`` (no device computation, so it also works
@@ -541,24 +565,51 @@ def run_chunks(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray] | None:
     """``store.run`` over all processes: each computes and writes its share of the missing chunks
-    (``owned_chunks``), all wait for each other, and process 0 returns every chunk (computing any
-    that is still missing); the other processes return None.
+    (``owned_chunks``); process 0 then waits for the others' chunks and returns every chunk; the
+    other processes return None as soon as their share is written.
 
     All processes list the missing chunks before any writes (a barrier), so they agree on the
-    share. A killed process loses only the chunk it was computing; the others' chunks are on
-    disk and the same command (any number of processes) resumes.
+    share. A process killed mid-run loses only the chunk it was computing: once the coordination
+    service misses its heartbeats (``heartbeat_timeout_s``) process 0 computes its remaining
+    chunks (``jax_enable_recoverability``: the others keep running). Process 0 itself dying stops
+    the run (it hosts the coordination service); the chunks on disk stay, and the same command
+    with any number of processes resumes.
     """
     info = process_info()
     if info.count == 1:
         return store.run(compute_chunk, progress=progress)
     missing = store.missing_chunks()
-    barrier("listed")
-    for i in owned_chunks(missing, info):
+    barrier("listed")  # nobody writes before everybody has listed: one shared assignment
+
+    def compute(i: int) -> None:
         start, stop = store.ranges[i]
         store.write_chunk(i, compute_chunk(start, stop))
         if progress is not None:
             progress(stop - start)
-    barrier("chunks")
+
+    for i in owned_chunks(missing, info):
+        compute(i)
     if not info.is_main:
-        return None
-    return store.run(compute_chunk, progress=progress)  # normally nothing left: reads all chunks
+        return None  # done: process 0 collects (no waiting here: a finished process may exit)
+    # Process 0 waits for the others' chunks; a process that is gone (killed, its node lost: no
+    # heartbeats for heartbeat_timeout_s) leaves its chunks to process 0.
+    owner = {i: k % info.count for k, i in enumerate(missing)}
+    warned = False
+    while left := store.missing_chunks():
+        live = _live_processes(info.count)
+        orphans = [i for i in left if owner.get(i, 0) not in live]
+        if not orphans:
+            time.sleep(_POLL_S)
+            continue
+        if not warned:
+            warnings.warn(f"process(es) {sorted({owner.get(i, 0) for i in orphans})} stopped "
+                          "before finishing their chunks; process 0 computes them", stacklevel=2)
+            warned = True
+        compute(orphans[0])
+    return store.read_chunks()
+
+
+def _live_processes(count: int) -> set[int]:
+    from jax._src import distributed as _dist
+
+    return {0, *_dist.global_state.client.get_live_nodes(list(range(count)))}

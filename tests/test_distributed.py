@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -237,3 +239,106 @@ def test_barrier_is_a_no_op_in_one_process():
     distributed.barrier("solo", timeout_s=1)
     assert distributed.is_main_process()
     json.dumps(distributed.process_info().__dict__)  # plain numbers (for logs and summaries)
+
+
+# -- the crjax command in several processes sharing one run directory ----------------------------
+
+_TINY = ["simulate", "--preset", "tiny", "--chunk-size", "1", "--no-progress"]  # 3 chunks
+
+
+def _cli_processes(out: Path, nproc: int, **env_extra) -> list[subprocess.Popen]:
+    port = _free_port()
+    # 2 CPU devices per process, as in this test process (the engine's particle split): the
+    # chunks are then the same computation wherever they run.
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", **env_extra)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "inference.cli", *_TINY, "--out", str(out), "--coordinator",
+             f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(i)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(nproc)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """One process, in this process: the run every layout must reproduce."""
+    from inference import cli
+
+    out = tmp_path_factory.mktemp("one_process")
+    assert cli.main([*_TINY, "--out", str(out)]) == 0
+    return out
+
+
+def _assert_same_results(a: Path, b: Path) -> None:
+    ra, rb = np.load(a / "results.npz"), np.load(b / "results.npz")
+    assert sorted(ra.files) == sorted(rb.files)
+    for k in ra.files:  # fold_in(key, r) per realisation, whole chunks: the same bits
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_reproduce_one_process(tmp_path, tiny_reference):
+    out = tmp_path / "two"
+    procs = _cli_processes(out, 2)
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "K_par" in outs[0][0]  # process 0 analysed and printed the summary
+    assert "process 1: its chunks are in" in outs[1][0] and "K_par" not in outs[1][0]
+    assert sorted(f.name for f in out.glob("chunk_*.npz")) == [
+        "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
+    _assert_same_results(tiny_reference, out)
+    assert json.loads((out / "summary.json").read_text())["realizations"] == 3
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_cli_kill_9_of_one_process_loses_only_its_chunk(tmp_path, tiny_reference):
+    """Process 1 is killed (kill -9) in its first chunk; process 0 goes on, notices the missing
+    heartbeats and computes process 1's chunk itself: the run finishes with the same results."""
+    out = tmp_path / "killed"
+    # every chunk but chunk 0 waits 20 s first: process 1 (chunk 1) is still in it when killed
+    procs = _cli_processes(out, 2, CRJAX_TEST_CHUNK_DELAY="20", CRJAX_HEARTBEAT_TIMEOUT_S="5")
+    try:
+        _wait_for(out / "chunk_00000.npz", procs[0])
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=60)
+        _, err = procs[0].communicate(timeout=400)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode == 0, err[-3000:]
+    assert "process(es) [1] stopped before finishing their chunks" in err
+    _assert_same_results(tiny_reference, out)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_interrupted_then_resumed_with_one(tmp_path, tiny_reference):
+    """Both processes killed after chunk 0; the same command in one process completes the run."""
+    from inference import cli
+
+    out = tmp_path / "resumed"
+    procs = _cli_processes(out, 2, CRJAX_TEST_CHUNK_DELAY="60")
+    try:
+        _wait_for(out / "chunk_00000.npz", procs[0])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=60)
+    assert sorted(f.name for f in out.glob("chunk_*.npz")) == ["chunk_00000.npz"]
+    assert cli.main([*_TINY, "--out", str(out)]) == 0  # one process, no distributed flags
+    _assert_same_results(tiny_reference, out)
