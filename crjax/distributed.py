@@ -27,9 +27,11 @@ measured scaling: ``docs/scaling.md``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import re
@@ -236,7 +238,21 @@ def initialize(
                 "`import crjax`); JAX's backends are already running"
             ) from err
         raise
+    if jax.process_index() == 0:
+        # Registered after jax's own shutdown hook, so it runs first (atexit is LIFO).
+        atexit.register(_wait_for_others_to_leave, jax.process_count())
     return process_info()
+
+
+def _wait_for_others_to_leave(count: int, timeout_s: float = 600.0) -> None:
+    """At exit of process 0: stay until the other processes have disconnected (or died).
+
+    Process 0 hosts the coordination service; with recoverable tasks the shutdown is not
+    synchronised, so a process still shutting down when it goes would abort. Bounded wait."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):  # the service may already be gone: nothing to wait for
+        while len(_live_processes(count)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def barrier(name: str, timeout_s: Real | None = None) -> None:
@@ -251,7 +267,17 @@ def barrier(name: str, timeout_s: Real | None = None) -> None:
     from jax._src import distributed as _dist  # the runtime client (no public barrier API)
 
     ms = _FOREVER_MS if timeout_s is None else max(1, min(_FOREVER_MS, int(timeout_s * 1000)))
-    _dist.global_state.client.wait_at_barrier(f"crjax/{name}", ms)
+    _dist.global_state.client.wait_at_barrier(_unique(name), ms)
+
+
+_CALLS = itertools.count()
+
+
+def _unique(name: str) -> str:
+    """A barrier / key name used once per session: every process makes the same calls in the same
+    order (SPMD), so the n-th call has the same name everywhere, and a second run in the same
+    session does not meet the first one's barrier."""
+    return f"crjax/{next(_CALLS)}/{name}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,18 +548,19 @@ def open_store(directory, params: Mapping[str, Any], *, resume: bool = True, upg
     if jax.process_count() == 1:
         return RunStore.open(directory, params, resume=resume, upgrade=upgrade)
     store, error = None, None
+    key = _unique("open-error")
     if is_main_process():
         try:
             store = RunStore.open(directory, params, resume=resume, upgrade=upgrade)
         except ValueError as err:  # tell the others through the coordination service, then raise
             error = err
-        _publish("open", "" if error is None else str(error))
+        _publish(key, "" if error is None else str(error))
         barrier("open")
         if error is not None:
             raise error
         return store
     barrier("open")
-    message = _read_published("open")
+    message = _read_published(key)
     if message:
         raise ValueError(f"process 0 could not open the run: {message}")
     return RunStore.open(directory, params, resume=True, upgrade=upgrade)
@@ -542,13 +569,13 @@ def open_store(directory, params: Mapping[str, Any], *, resume: bool = True, upg
 def _publish(name: str, value: str) -> None:
     from jax._src import distributed as _dist
 
-    _dist.global_state.client.key_value_set(f"crjax/{name}", value)
+    _dist.global_state.client.key_value_set(name, value)
 
 
 def _read_published(name: str) -> str:
     from jax._src import distributed as _dist
 
-    return _dist.global_state.client.blocking_key_value_get(f"crjax/{name}", 60_000)
+    return _dist.global_state.client.blocking_key_value_get(name, 60_000)
 
 
 def owned_chunks(missing: list[int], info: ProcessInfo | None = None) -> list[int]:
@@ -597,12 +624,14 @@ def run_chunks(
     warned = False
     while left := store.missing_chunks():
         live = _live_processes(info.count)
-        orphans = [i for i in left if owner.get(i, 0) not in live]
+        # a chunk nobody was given (it went bad after the listing) is process 0's as well
+        orphans = [i for i in left if owner.get(i) not in live or owner.get(i) == 0]
         if not orphans:
             time.sleep(_POLL_S)
             continue
-        if not warned:
-            warnings.warn(f"process(es) {sorted({owner.get(i, 0) for i in orphans})} stopped "
+        gone = sorted({owner[i] for i in orphans if owner.get(i) not in (None, 0)})
+        if gone and not warned:
+            warnings.warn(f"process(es) {gone} stopped "
                           "before finishing their chunks; process 0 computes them", stacklevel=2)
             warned = True
         compute(orphans[0])
