@@ -15,8 +15,9 @@ One sharding model serves one CPU core, several local devices and N processes on
 - **Run directories.** A ``crjax simulate|reproduce`` run started in P processes shares one run
   directory (``crjax.results.RunStore``): process 0 writes ``params.json`` first
   (``open_store``), the missing chunks are dealt round-robin over the processes, each writes its
-  own chunk files atomically (``run_chunks``), and only process 0 assembles the results. A resumed
-  run may use any number of processes (chunk k is realisations fold_in(key, r), r in its range,
+  own chunk files atomically (``run_chunks``), and only process 0 assembles the results. A process
+  killed mid-run loses only its chunk in flight (process 0 computes what it left). A resumed run
+  may use any number of processes (chunk k is realisations fold_in(key, r), r in its range,
   whoever computes it).
 
 Processes are started with ``initialize`` (explicit arguments, ``CRJAX_COORDINATOR`` /
