@@ -183,6 +183,9 @@ class Engine(eqx.Module):
         devices: split the particles evenly over this many local devices (default: all of them;
             results equal the one-device run to round-off).
         dtype: float64 (default; None) or float32: field, state and times are cast to it.
+
+    Equal settings give equal, equally hashed Engines (``Engine(solver="tsit5") ==
+    Engine(solver=diffrax.Tsit5())``), so an Engine can be a static jit argument.
     """
 
     # Converters check each setting (a ValueError naming it); fields are typed after conversion.

@@ -146,3 +146,18 @@ def test_plan_needs_concrete_times_and_dt():
 def test_engine_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(**kwargs)
+
+
+def test_engine_modules_are_not_shadowed():
+    # issue 11: no function shadows its module
+    import types
+
+    import crjax.backtracking as bt
+    import crjax.chaos as ch
+    import crjax.engine as eng
+    import crjax.ensemble as ens
+
+    for module in (bt, ch, eng, ens):
+        assert isinstance(module, types.ModuleType)
+    assert crjax.backtrack is bt.backtrack and crjax.run_ensemble is ens.run_ensemble
+    assert crjax.lyapunov_exponent is ch.lyapunov_exponent
