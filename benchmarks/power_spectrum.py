@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import crjax  # noqa: F401  (x64)
-from crjax.angular import power_spectrum
+from crjax import power_spectrum
 
 
 def _best(fn, repeats):

@@ -24,19 +24,56 @@ from .field import (  # noqa: E402
     realise_field,
     uniform_field,
 )
-from .angular import noise_level, power_spectrum, relative_intensity  # noqa: E402
+from .spectra import (  # noqa: E402
+    cross_power_spectra,
+    declination_band_mask,
+    power_spectrum,
+    relative_intensity,
+    sky_fraction,
+)
+from .estimators import (  # noqa: E402
+    CrossSpectrumEstimate,
+    SpectrumEstimate,
+    cross_spectrum_estimate,
+    mean_power_spectrum,
+    noise_level,
+    parseval,
+    spectrum_estimate,
+    spectrum_estimator,
+    standard_dipole,
+    sum_rules,
+)
 from .solvers import Boris  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .backtracking import Trajectory, backtrack, propagate  # noqa: E402
 from .ensemble import run_ensemble  # noqa: E402
 from .chaos import lyapunov_exponent  # noqa: E402
-from .transport import diffusion_tensor, parallel_perpendicular  # noqa: E402
+from .transport import (  # noqa: E402
+    binned_relative_dispersion,
+    diffusion_tensor,
+    parallel_perpendicular,
+    relative_diffusion_tensor,
+)
 from .theory import bgk_amplitude, bgk_spectrum, diffusion_dipole, spectrum_from_nu  # noqa: E402
 from . import presets, results, runs  # noqa: E402  (the main job: inference.pipeline.reproduce)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossSpectrumEstimate",
+    "SpectrumEstimate",
+    "cross_spectrum_estimate",
+    "mean_power_spectrum",
+    "parseval",
+    "spectrum_estimate",
+    "spectrum_estimator",
+    "standard_dipole",
+    "sum_rules",
+    "cross_power_spectra",
+    "declination_band_mask",
+    "sky_fraction",
+    "binned_relative_dispersion",
+    "relative_diffusion_tensor",
     "BendOverSpectrum",
     "Boris",
     "Engine",

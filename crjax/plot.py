@@ -6,17 +6,18 @@ already chosen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import healpy as hp
 import matplotlib
 import numpy as np
+from numpy.typing import ArrayLike
 
 if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
     matplotlib.use("Agg")  # headless: the CLI must work without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-__all__ = ["fig2", "fig3", "skymap", "arrival_map"]
+__all__ = ["arrival_map", "fig2", "fig3", "skymap"]
 
 _PAR, _PERP = "-", ":"  # seed Fig. 2: solid g ∥ B0, dotted g ⊥ B0
 
@@ -28,13 +29,13 @@ def _positive(y):
 
 
 def fig2(
-    t_omega: np.ndarray,
-    cl_par: np.ndarray,
-    cl_perp: np.ndarray,
-    noise_par: np.ndarray,
-    noise_perp: np.ndarray,
-    dipole_standard_diffusion_par: np.ndarray,
-    dipole_standard_diffusion_perp: np.ndarray,
+    t_omega: ArrayLike,
+    cl_par: ArrayLike,
+    cl_perp: ArrayLike,
+    noise_par: ArrayLike,
+    noise_perp: ArrayLike,
+    dipole_standard_diffusion_par: ArrayLike,
+    dipole_standard_diffusion_perp: ArrayLike,
     *,
     ell_hi: int = 9,
     title: str | None = None,
@@ -79,17 +80,17 @@ def fig2(
 
 
 def fig3(
-    ell: np.ndarray,
-    t_omega: Sequence[float],
-    ratio_par: np.ndarray,
-    err_par: np.ndarray,
-    ratio_perp: np.ndarray,
-    err_perp: np.ndarray,
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    ell: ArrayLike,
+    t_omega: ArrayLike,
+    ratio_par: ArrayLike,
+    err_par: ArrayLike,
+    ratio_perp: ArrayLike,
+    err_perp: ArrayLike,
+    curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
     *,
-    noise_par: np.ndarray | None = None,
-    noise_perp: np.ndarray | None = None,
-    curves_perp: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    noise_par: ArrayLike | None = None,
+    noise_perp: ArrayLike | None = None,
+    curves_perp: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
     title: str | None = None,
 ):
     """Seed Fig. 3: Ĉ_ℓ/Ĉ_1 (Ĉ_ℓ = ⟨C_ℓ⟩ − N) at three backtracking times for g ∥ B0 (left) and
@@ -137,7 +138,7 @@ def fig3(
     return fig
 
 
-def arrival_map(delta_i: np.ndarray) -> np.ndarray:
+def arrival_map(delta_i: ArrayLike) -> np.ndarray:
     """Re-index a map over momentum directions p̂ (crjax's convention) to arrival directions −p̂.
 
     HEALPix grids are symmetric under x → −x, so this is a permutation: out[j] = δI(p̂ = −n̂_j).
@@ -149,7 +150,7 @@ def arrival_map(delta_i: np.ndarray) -> np.ndarray:
     return m[..., hp.vec2pix(nside, -x, -y, -z)]
 
 
-def skymap(delta_i: np.ndarray, *, arrival: bool = True, title: str = "", unit: str = ""):
+def skymap(delta_i: ArrayLike, *, arrival: bool = True, title: str = "", unit: str = ""):
     """Mollweide map of the relative intensity δI of one realisation (``healpy.mollview``).
 
     ``delta_i`` is indexed by *momentum* direction p̂ (RING); with ``arrival=True`` (default, what

@@ -21,8 +21,17 @@ from ._checks import (
     check_sorted_times,
 )
 
-__all__ = ["Preset", "paper", "quick", "tiny", "get_preset", "PRESETS", "SOLVER_NAMES", "GEOMETRIES",
-           "DTYPES"]
+__all__ = [
+    "DTYPES",
+    "GEOMETRIES",
+    "PRESETS",
+    "SOLVER_NAMES",
+    "Preset",
+    "get_preset",
+    "paper",
+    "quick",
+    "tiny",
+]
 
 # The one place presets and the CLI read the solver names from. At the merge with the engine
 # refactor this becomes ``tuple(crjax.engine.SOLVERS)`` (its name registry): one line.

@@ -45,10 +45,10 @@ __all__ = [
     "RunStore",
     "chunk_ranges",
     "provenance",
-    "to_jsonable",
     "read_params",
     "read_results",
     "read_summary",
+    "to_jsonable",
 ]
 
 PARAMS_FILE = "params.json"
@@ -178,7 +178,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: the {what} is not valid JSON ({err})") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: the {what} must be a JSON object; got {type(obj).__name__}")
+        raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout crjax)
+            f"{path}: the {what} must be a JSON object; got {type(obj).__name__}")
     return obj
 
 
@@ -198,7 +199,8 @@ def read_params(directory: str | os.PathLike) -> dict[str, Any]:
     d = _run_directory(directory)
     stored = _read_json(d / PARAMS_FILE, "run parameters")
     if not isinstance(stored.get("params"), dict):
-        raise ValueError(f"{d / PARAMS_FILE}: no 'params' object (not a crjax run file)")
+        raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout crjax)
+            f"{d / PARAMS_FILE}: no 'params' object (not a crjax run file)")
     return stored
 
 
@@ -386,7 +388,7 @@ class RunStore:
     def write_chunk(self, index: int, arrays: Mapping[str, Any]) -> Path:
         """Atomically write chunk ``index``; every array's leading axis must be its realisations."""
         start, stop = self.ranges[index]
-        for k, v in arrays.items():
+        for k in arrays:
             if k.startswith("_"):
                 raise ValueError(f"array names starting with '_' are reserved; got {k!r}")
         data = dict(arrays)

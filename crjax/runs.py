@@ -3,7 +3,8 @@
 Realisations r = 0..n−1 (key ``fold_in(PRNGKey(seed), r)``) are backtracked chunk by chunk
 (``crjax.ensemble.run_ensemble``); each chunk is reduced on the device to small per-realisation
 summaries and written atomically (``crjax.results.RunStore``): C_ℓ(T) for g ∥ B0 and g ⊥ B0
-(2.2), the direction-averaged moments ⟨r_i r_j⟩ (for K_ij), relative diffusion K̃ (2.4), the
+(2.2), each realisation's unbiased estimate Ĉ_ℓ^(r) (``crjax.estimators.spectrum_estimate``: the
+pixel diagonal removed and the self-consistent offset added), the direction-averaged moments ⟨r_i r_j⟩ (for K_ij), relative diffusion K̃ (2.4), the
 chunk's summed δI maps (for the standard-diffusion dipole) and one sky map.
 
 This stage needs no fitting, so it lives in ``crjax``; the analysis, fit and figures that follow
@@ -21,17 +22,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 
-from . import angular, distributed
+from . import distributed, estimators, spectra, transport
 from .presets import Preset
 from .results import RunStore
 
-__all__ = ["gradient_directions", "run_params", "simulate", "CHUNK_DELAY_ENV"]
+__all__ = ["CHUNK_DELAY_ENV", "gradient_directions", "run_params", "simulate"]
 
 CHUNK_DELAY_ENV = "CRJAX_TEST_CHUNK_DELAY"  # test hook: seconds to sleep before every chunk but the first
 
 
-def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+def gradient_directions(preset: Preset) -> tuple[Float[np.ndarray, " 3"], Float[np.ndarray, " 3"]]:
     """g ∥ B0 and g ⊥ B0, each of magnitude ``preset.grad`` (1/Lc), shape (3,).
 
     The perpendicular one is x̂ made orthogonal to b̂0 (ŷ if b̂0 ∥ x̂)."""
@@ -42,23 +44,28 @@ def gradient_directions(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
     return preset.grad * b, preset.grad * e / np.linalg.norm(e)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reducer(g_par: tuple, g_perp: tuple, ell_max: int):
     """Per-chunk reducer (runs inside the ensemble jit). Cached: one function object per setup,
     because ``run_ensemble`` treats it as a static argument (a new object would recompile)."""
-    from . import transport
-
     gp, gq = jnp.asarray(g_par), jnp.asarray(g_perp)
+
+    def samples(maps):  # per-realisation Ĉ_ℓ^(r): each depends on its own map only
+        if maps.shape[0] == 1:  # the estimator wants R >= 2; a copy changes no sample
+            return estimators.spectrum_estimate(jnp.concatenate([maps, maps]), lmax=ell_max).samples[:1]
+        return estimators.spectrum_estimate(maps, lmax=ell_max).samples
 
     def reduce(traj):
         pos, times = traj.positions, traj.times[0]  # (c, nt, npix, 3), (nt,)
-        maps_par = angular.relative_intensity(pos, gp)  # (c, nt, npix)
-        maps_perp = angular.relative_intensity(pos, gq)
+        maps_par = spectra.relative_intensity(pos, gp)  # (c, nt, npix)
+        maps_perp = spectra.relative_intensity(pos, gq)
         return {
-            "cl_par": angular.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
-            "cl_perp": angular.power_spectrum(maps_perp, lmax=ell_max),
+            "cl_par": spectra.power_spectrum(maps_par, lmax=ell_max),  # (c, nt, L+1)
+            "cl_perp": spectra.power_spectrum(maps_perp, lmax=ell_max),
+            "est_par": samples(maps_par),  # (c, nt, L+1) unbiased per-realisation Ĉ_ℓ
+            "est_perp": samples(maps_perp),
             "rr": transport.second_moments(pos),  # (c, nt, 3, 3) direction-averaged ⟨r_i r_j⟩
-            "Ktilde": jax.vmap(lambda x: angular.relative_diffusion_tensor(x, times)[0])(pos),
+            "Ktilde": jax.vmap(lambda x: transport.relative_diffusion_tensor(x, times)[0])(pos),
             "maps_par": maps_par,
             "maps_perp": maps_perp,
         }
@@ -83,7 +90,8 @@ def simulate(
 ) -> tuple[RunStore, dict[str, np.ndarray] | None]:
     """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
 
-    Chunk arrays: ``cl_par``, ``cl_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions)
+    Chunk arrays: ``cl_par``, ``cl_perp`` and the unbiased per-realisation estimates ``est_par``,
+    ``est_perp`` (n, nt, ℓmax+1); ``rr`` (⟨r_i r_j⟩ over directions)
     and ``Ktilde`` (n, nt, 3, 3) per realisation; ``sky_par``, ``sky_perp`` (n, npix) δI at the
     last save time; ``sum_maps_par``, ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for
     the standard-diffusion dipole). ``n`` counts realisations, in order. ``preset`` is validated
@@ -96,7 +104,8 @@ def simulate(
     from .sky import healpix_directions
 
     if not isinstance(preset, Preset):
-        raise ValueError(f"preset must be a crjax.presets.Preset; got {type(preset).__name__}")
+        raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout crjax)
+            f"preset must be a crjax.presets.Preset; got {type(preset).__name__}")
     # All processes of a distributed run (crjax.distributed): process 0 writes params.json first.
     store = distributed.open_store(out, run_params(preset), resume=resume, upgrade=_upgrade_params)
     g_par, g_perp = gradient_directions(preset)

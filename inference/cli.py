@@ -27,7 +27,7 @@ from pathlib import Path
 
 from crjax.presets import DTYPES, GEOMETRIES, PRESETS, SOLVER_NAMES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _FIT_LIKELIHOODS = ("auto", "lognormal", "split_normal", "variable_gaussian", "gaussian")
 _FIT_NOISE = ("auto", "none", "fixed", "free")
@@ -203,9 +203,9 @@ def _check_fit_args(args) -> None:
         raise ValueError(f"--lmin must be an integer >= 0; got {args.lmin}")
     if args.lmax is not None and args.lmax < max(1, args.lmin or 0):
         raise ValueError(f"--lmax must be an integer >= max(1, --lmin); got {args.lmax}")
-    for opt in ("num_warmup", "num_samples", "num_chains"):
-        if getattr(args, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be an integer >= 1; "
+    for opt, lo in (("num_warmup", 1), ("num_samples", 2), ("num_chains", 1)):
+        if getattr(args, opt) < lo:
+            raise ValueError(f"--{opt.replace('_', '-')} must be an integer >= {lo}; "
                              f"got {getattr(args, opt)}")
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be an integer in [0, 2**32); got {args.seed}")
@@ -239,7 +239,7 @@ def _check_fit_args(args) -> None:
 
 def _fit(args) -> int:
     _check_fit_args(args)
-    from .fit import fit_spectrum_file
+    from .report import fit_spectrum_file
 
     try:
         fit_spectrum_file(

@@ -1,6 +1,6 @@
 """Measured (or simulated) angular power spectra: a plain-text format, its loader and writer.
 
-No machine-readable IceCube/HAWC C_ℓ tables are public (physics.md §6), so crjax reads user-supplied
+No machine-readable IceCube/HAWC C_ℓ tables are public (docs/physics.md), so crjax reads user-supplied
 spectra in this format (full description: ``docs/spectrum_format.md``)::
 
     # experiment: IceCube
@@ -18,9 +18,11 @@ spectra in this format (full description: ``docs/spectrum_format.md``)::
   pass unnoticed). Lines starting ``##`` and a bare ``#`` are free comments; a ``#`` line without a
   colon must be the column line ``# ell C_ell err_lo err_hi``.
 * Data rows: exactly four whitespace-separated columns ``ell C_ell err_lo err_hi`` — ℓ an integer ≥ 0,
-  C_ℓ finite (it may be negative for a noise-subtracted estimator), err_lo/err_hi the finite, > 0
-  distances from C_ℓ to the lower/upper end of the 68% interval. Blank lines are ignored.
-* Every problem raises ``ValueError`` naming file and line; rows are never dropped silently.
+  C_ℓ finite (negative only in a spectrum marked ``noise_subtracted: true``: a raw power spectrum is a
+  mean of squares), err_lo/err_hi the finite, > 0 distances from C_ℓ to the lower/upper end of the 68%
+  interval. Blank lines are ignored; a ``#`` after data on a line is an error (no inline comments).
+* Every problem raises ``ValueError`` naming the file and line; rows are never dropped silently. The
+  loader is linear in the number of rows (numpy's C reader, array checks).
 
 Noise constants (``NOISE_LEVELS``) come from the seed's Fig. 1 caption: N ≈ f_sky 4π/N_CR with
 IceCube f_sky ≈ 0.3, N ≈ 2.5e-11 and HAWC f_sky ≈ 0.7, N ≈ 1.8e-10.
@@ -29,9 +31,12 @@ IceCube f_sky ≈ 0.3, N ≈ 2.5e-11 and HAWC f_sky ≈ 0.7, N ≈ 1.8e-10.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
+import warnings
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 
@@ -120,14 +125,20 @@ class Spectrum:
         if not np.all(np.isfinite(ell)) or not np.all(ell == np.round(ell)) or np.any(ell < 0):
             raise ValueError(f"{where}: ell must be integers >= 0; got {ell!r}")
         ell = ell.astype(np.int64)
-        if np.unique(ell).size != ell.size:
-            dup = sorted({int(e) for e in ell if np.count_nonzero(ell == e) > 1})
+        values, counts = np.unique(ell, return_counts=True)
+        if values.size != ell.size:
+            dup = [int(e) for e in values[counts > 1][:10]]
             raise ValueError(f"{where}: duplicate multipole(s) ell = {dup}")
         for k in ("err_lo", "err_hi"):
             if np.any(arrays[k] <= 0):
                 raise ValueError(
                     f"{where}: {k} must be > 0 (a 68% error distance); got {arrays[k]!r}"
                 )
+        if self.noise_subtracted is not True and np.any(arrays["cl"] < 0):
+            r = int(np.argmax(arrays["cl"] < 0))
+            raise ValueError(
+                f"{where}: " + _negative_raw_message(int(ell[r]), float(arrays["cl"][r]))
+            )
         order = np.argsort(ell, kind="stable")
         object.__setattr__(self, "ell", ell[order])
         for k, v in arrays.items():
@@ -144,7 +155,7 @@ class Spectrum:
         """Header entries that are set, in HEADER_KEYS order."""
         return {k: getattr(self, k) for k in HEADER_KEYS if getattr(self, k) is not None}
 
-    def select(self, lmin: int | None = None, lmax: int | None = None) -> Spectrum:
+    def select(self, lmin: Real | None = None, lmax: Real | None = None) -> Spectrum:
         """The rows with lmin ≤ ℓ ≤ lmax (inclusive; None = no bound). ValueError if none remain."""
         lo = int(self.ell.min()) if lmin is None else lmin
         hi = int(self.ell.max()) if lmax is None else lmax
@@ -235,75 +246,196 @@ def _validate_meta(meta: dict, where: str) -> None:
         raise ValueError(f"{where}: dec_min_deg must be < dec_max_deg; got {lo} and {hi}")
 
 
-def load_spectrum(path: str | os.PathLike) -> Spectrum:
-    """Read a spectrum file (format: module docstring, ``docs/spectrum_format.md``) into a ``Spectrum``.
+_MAX_ELL = 2**31 - 1
 
-    Raises ``ValueError`` naming the file and line for malformed headers, unknown keys, wrong column
-    counts, unparsable numbers, NaN/inf, errors ≤ 0, non-integer, negative or duplicate ℓ.
-    """
-    path = os.fspath(path)
+
+def _read_text(path: str) -> str:
+    """The file as text; ValueError naming the file for a missing, unreadable, empty or binary file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such spectrum file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a spectrum file") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ValueError(
+            f"{path}:{line}: binary content (a NUL byte at offset {nul}); a spectrum file is plain text "
+            "(docs/spectrum_format.md)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); a spectrum "
+            "file is plain text (docs/spectrum_format.md)"
+        ) from None
+    if not text.strip():
+        raise ValueError(
+            f"{path}: the file is empty; expected header lines and data rows {' '.join(COLUMNS)}"
+        )
+    return text
+
+
+def _comment_lines(text: str, path: str):
+    """(line number, line) of every line whose first non-blank character is '#', found by jumping from one
+    '#' to the next (linear in the file, a handful of Python steps per header line). A '#' after data on
+    the same line is refused: the format has no inline comments."""
+    out = []
+    pos, line, counted = text.find("#"), 1, 0
+    while pos >= 0:
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        line += text.count("\n", counted, start)
+        counted = start
+        if text[start:pos].strip():
+            raise ValueError(
+                f"{path}:{line}: '#' after data on the same line; comments must be whole lines starting "
+                f"with '#' (docs/spectrum_format.md); got {text[start:end].rstrip(chr(13))!r}"
+            )
+        out.append((line, text[start:end].strip()))
+        pos = text.find("#", end)
+    return out
+
+
+def _parse_header(comments, path: str) -> dict:
     meta: dict = {}
-    rows: list[tuple[int, list[float], int]] = []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
-    for lineno, raw in enumerate(lines, start=1):
+    for lineno, line in comments:
         where = f"{path}:{lineno}"
+        if line.startswith("##") or line == "#":
+            continue
+        body = line[1:].strip()
+        if ":" not in body:
+            if body.split() == list(COLUMNS):
+                continue
+            raise ValueError(
+                f"{where}: header lines must be '# key: value' (or the column line "
+                f"'# {' '.join(COLUMNS)}'; '##' starts a free comment); got {line!r}"
+            )
+        key, value = (s.strip() for s in body.split(":", 1))
+        if key not in HEADER_KEYS:
+            raise ValueError(
+                f"{where}: unknown header key {key!r}; allowed keys: {', '.join(HEADER_KEYS)}"
+            )
+        if key in meta:
+            raise ValueError(f"{where}: header key {key!r} given twice")
+        meta[key] = _parse_value(key, value, where)
+    return meta
+
+
+def _data_line_numbers(text: str, rows) -> dict:
+    """Line numbers of the data rows with the given indices (0-based, in file order): one linear pass,
+    used only to name the line of an error."""
+    wanted = sorted({int(r) for r in rows})
+    found, k = {}, 0
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if k == wanted[len(found)]:
+            found[k] = lineno
+            if len(found) == len(wanted):
+                break
+        k += 1
+    return found
+
+
+def _diagnose_rows(text: str, path: str, reason: str):
+    """The first malformed data row of a file the fast parser refused: ValueError naming its line."""
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
-        if not line or line.startswith("##") or line == "#":
+        if not line or line.startswith("#"):
             continue
-        if line.startswith("#"):
-            body = line[1:].strip()
-            if ":" not in body:
-                if body.split() == list(COLUMNS):
-                    continue
-                raise ValueError(
-                    f"{where}: header lines must be '# key: value' (or the column line "
-                    f"'# {' '.join(COLUMNS)}'; '##' starts a free comment); got {raw!r}"
-                )
-            key, value = (s.strip() for s in body.split(":", 1))
-            if key not in HEADER_KEYS:
-                raise ValueError(
-                    f"{where}: unknown header key {key!r}; allowed keys: {', '.join(HEADER_KEYS)}"
-                )
-            if key in meta:
-                raise ValueError(f"{where}: header key {key!r} given twice")
-            meta[key] = _parse_value(key, value, where)
-            continue
+        where = f"{path}:{lineno}"
         fields = line.split()
         if len(fields) != len(COLUMNS):
             raise ValueError(
-                f"{where}: expected {len(COLUMNS)} columns ({' '.join(COLUMNS)}); got {len(fields)}: {raw!r}"
+                f"{where}: expected {len(COLUMNS)} columns ({' '.join(COLUMNS)}); got {len(fields)}: {line!r}"
             )
-        try:
-            ell = int(fields[0])
-        except ValueError:
-            raise ValueError(f"{where}: ell must be an integer >= 0; got {fields[0]!r}") from None
-        if ell < 0:
-            raise ValueError(f"{where}: ell must be an integer >= 0; got {ell}")
-        values = []
-        for name, text in zip(COLUMNS[1:], fields[1:]):
+        for name, tok in zip(COLUMNS, fields):
             try:
-                v = float(text)
+                np.float64(tok)
             except ValueError:
-                raise ValueError(f"{where}: {name} is not a number: {text!r}") from None
-            if not math.isfinite(v):
-                raise ValueError(f"{where}: {name} must be finite; got {text!r}")
-            if name != "C_ell" and v <= 0:
-                raise ValueError(
-                    f"{where}: {name} must be > 0 (distance to the 68% bound); got {text!r}"
-                )
-            values.append(v)
-        for prev_ell, _, prev_line in rows:
-            if prev_ell == ell:
-                raise ValueError(
-                    f"{where}: duplicate multipole ell = {ell} (first at line {prev_line})"
-                )
-        rows.append((ell, values, lineno))
-    if not rows:
+                if name == "ell":
+                    raise ValueError(f"{where}: ell must be an integer >= 0; got {tok!r}") from None
+                raise ValueError(f"{where}: {name} is not a number: {tok!r}") from None
+    raise ValueError(f"{path}: the data rows could not be read ({reason})")
+
+
+def load_spectrum(path: str | os.PathLike) -> Spectrum:
+    """Read a spectrum file (format: module docstring, ``docs/spectrum_format.md``) into a ``Spectrum``.
+
+    Raises ``ValueError`` naming the file (and the line where there is one) for a missing, unreadable,
+    empty or binary file, malformed headers, unknown keys, wrong column counts, unparsable numbers,
+    NaN/inf, errors ≤ 0, non-integer, negative or duplicate ℓ, and a negative C_ℓ in a spectrum that is
+    not marked ``noise_subtracted: true``. Linear in the number of rows: the rows are parsed by numpy's
+    C reader (``numpy.loadtxt``) and checked as arrays; Python loops run over header lines only, and over
+    the rows only to name the line of an error (2 million rows: a few seconds).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file path; got {path!r}")  # noqa: TRY004  (project convention: every bad input is a ValueError)
+    path = os.fspath(path)
+    text = _read_text(path)
+    meta = _parse_header(_comment_lines(text, path), path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (not raises) on a file without data rows
+            table = np.loadtxt(io.StringIO(text), comments="#", ndmin=2, dtype=np.float64)
+    except UserWarning:
+        table = np.empty((0, len(COLUMNS)))
+    except ValueError as err:
+        _diagnose_rows(text, path, str(err))
+    if table.shape[0] == 0:
         raise ValueError(f"{path}: no data rows (expected columns {' '.join(COLUMNS)})")
-    ell = np.array([r[0] for r in rows], dtype=np.int64)
-    vals = np.array([r[1] for r in rows], dtype=float)
-    return Spectrum(ell=ell, cl=vals[:, 0], err_lo=vals[:, 1], err_hi=vals[:, 2], path=path, **meta)
+    if table.shape[1] != len(COLUMNS):
+        _diagnose_rows(text, path, f"{table.shape[1]} columns")
+
+    def fail(row, message):
+        line = _data_line_numbers(text, [row])[row]
+        raise ValueError(f"{path}:{line}: {message}")
+
+    ell_f = table[:, 0]
+    bad = ~(np.isfinite(ell_f) & (ell_f == np.round(ell_f)) & (ell_f >= 0) & (ell_f <= _MAX_ELL))
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        fail(r, f"ell must be an integer >= 0 (at most {_MAX_ELL}); got {float(ell_f[r])!r}")
+    for col, name in enumerate(COLUMNS[1:], start=1):
+        v = table[:, col]
+        nonfinite = ~np.isfinite(v)
+        if np.any(nonfinite):
+            r = int(np.argmax(nonfinite))
+            fail(r, f"{name} must be finite; got {float(v[r])!r}")
+        if name != "C_ell" and np.any(v <= 0):
+            r = int(np.argmax(v <= 0))
+            fail(r, f"{name} must be > 0 (distance to the 68% bound); got {float(v[r])!r}")
+    ell = ell_f.astype(np.int64)
+    order = np.argsort(ell, kind="stable")
+    dup = np.nonzero(np.diff(ell[order]) == 0)[0]
+    if dup.size:
+        # the duplicate that appears first in the file: report its second occurrence
+        pairs = [(max(order[i], order[i + 1]), min(order[i], order[i + 1])) for i in dup]
+        second, first = min(pairs)
+        lines = _data_line_numbers(text, [first, second])
+        fail(second, f"duplicate multipole ell = {ell[second]} (first at line {lines[first]})")
+    cl = table[:, 1]
+    if meta.get("noise_subtracted") is not True and np.any(cl < 0):
+        r = int(np.argmax(cl < 0))
+        fail(r, _negative_raw_message(int(ell[r]), float(cl[r])))
+    return Spectrum(ell=ell, cl=cl, err_lo=table[:, 2], err_hi=table[:, 3], path=path, **meta)
+
+
+def _negative_raw_message(ell: int, value: float) -> str:
+    return (
+        f"C_ell = {value!r} < 0 at ell = {ell}, but the spectrum is not marked 'noise_subtracted: true': "
+        "a raw power spectrum is a mean of squared amplitudes and cannot be negative. If the noise level "
+        "was subtracted, add the header line '# noise_subtracted: true'; otherwise the column is not C_ell"
+    )
 
 
 def _format_value(value) -> str:

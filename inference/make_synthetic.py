@@ -1,4 +1,5 @@
-"""Synthetic spectra made by crjax itself (BGK shape + realistic scatter), and the shipped example file.
+"""Synthetic data made by crjax itself: spectra (BGK shape + realistic scatter, and the shipped example
+file) and ensembles of maps with a known spectrum (``synthetic_maps``, for validating estimator and fit).
 
 ``python -m inference.make_synthetic`` regenerates ``inference/data/synthetic_bgk_p0.5_icecube_like.txt``.
 
@@ -13,15 +14,17 @@ not from the truth. N is subtracted from the quoted C_ℓ (header: noise_subtrac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
+import healpy as hp
 import numpy as np
 from scipy import stats
 
 from crjax.theory import bgk_spectrum
 from inference.data import NOISE_LEVELS, Spectrum, save_spectrum
 
-__all__ = ["EXAMPLE_PATH", "main", "synthetic_spectrum"]
+__all__ = ["EXAMPLE_PATH", "main", "synthetic_maps", "synthetic_spectrum"]
 
 EXAMPLE_PATH = os.path.join(
     os.path.dirname(__file__), "data", "synthetic_bgk_p0.5_icecube_like.txt"
@@ -74,6 +77,92 @@ def synthetic_spectrum(
             f"with (2l+1)*f_sky dof around C_l+N, N={noise} subtracted, exact 68% Neyman errors, seed={seed}"
         ),
     )
+
+
+def _check_real(name, v, lo, *, strict):
+    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+    ok = ok and np.isfinite(v) and (v > lo if strict else v >= lo)
+    if not ok:
+        raise ValueError(
+            f"{name} must be a finite number {'>' if strict else '>='} {lo}; got {v!r}"
+        )
+
+
+def synthetic_maps(
+    p: float,
+    *,
+    nside: int = 8,
+    n_realisations: int = 100,
+    amplitude: float = 10.0,
+    monopole: float = 3.0,
+    noise_range: tuple[float, float] = (0.5, 2.0),
+    lmax: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ensemble of HEALPix (RING) maps with a known spectrum, as ``healpy.synfast`` draws them.
+
+    Each map = a Gaussian isotropic field with S_ℓ = ``amplitude`` · bgk_spectrum(ℓ, p) for
+    1 ≤ ℓ ≤ ``lmax`` (default 2·nside; S_ℓ = 0 above: band-limited) + ``monopole`` + white noise of a
+    per-realisation level σ_r drawn uniformly from ``noise_range``. a_ℓm are drawn with
+    ``numpy.random.default_rng(seed)`` (m = 0 real with variance S_ℓ, m > 0 complex with S_ℓ/2 per part:
+    what healpy.synalm does, without healpy's global random state) and synthesised by healpy.alm2map.
+    Returns ``(maps (R, npix), S_ℓ (lmax+1,) with S_0 = 0, sigma_r (R,))``.
+    """
+    if not (isinstance(p, (int, float)) and 0 < p < 1):
+        raise ValueError(f"p must lie in (0, 1); got {p!r}")
+    for name, v in (("nside", nside), ("n_realisations", n_realisations), ("seed", seed)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, np.integer))
+            or v < (0 if name == "seed" else 1)
+        ):
+            raise ValueError(f"{name} must be a non-negative integer (>= 1 for {name}); got {v!r}")
+    if not hp.isnsideok(nside):
+        raise ValueError(f"nside must be a power of two; got {nside}")
+    _check_real("amplitude", amplitude, 0.0, strict=True)
+    _check_real("monopole", monopole, float("-inf"), strict=True)
+    lo, hi = noise_range
+    _check_real("noise_range[0]", lo, 0.0, strict=False)
+    if not (np.isfinite(hi) and hi >= lo):
+        raise ValueError(
+            f"noise_range must be (low, high) with 0 <= low <= high; got {noise_range!r}"
+        )
+    lmax = 2 * nside if lmax is None else lmax
+    if (
+        isinstance(lmax, bool)
+        or not isinstance(lmax, (int, np.integer))
+        or not 1 <= lmax <= 3 * nside - 1
+    ):
+        raise ValueError(
+            f"lmax must be an integer in [1, 3*nside-1 = {3 * nside - 1}]; got {lmax!r}"
+        )
+    ell = np.arange(lmax + 1)
+    s_ell = np.zeros(lmax + 1)
+    s_ell[1:] = amplitude * np.asarray(bgk_spectrum(ell[1:], p))
+    rng = np.random.default_rng(seed)
+    l_idx, m_idx = hp.Alm.getlm(lmax)
+    sd = np.sqrt(s_ell[l_idx])
+    npix = hp.nside2npix(nside)
+    sigma = rng.uniform(lo, hi, n_realisations)
+    re, im = rng.standard_normal((2, n_realisations, l_idx.size))
+    # a map is linear in (Re a_ℓm, Im a_ℓm): synthesise through healpy.alm2map's images of the unit
+    # coefficients (exactly alm2map of each realisation, without R separate transforms)
+    re_basis, im_basis = _alm2map_basis(nside, lmax)
+    coef_re = np.where(m_idx == 0, sd * re, sd * re / np.sqrt(2.0))
+    coef_im = np.where(m_idx == 0, 0.0, sd * im / np.sqrt(2.0))
+    noise = rng.standard_normal((n_realisations, npix))
+    maps = coef_re @ re_basis + coef_im @ im_basis + monopole + sigma[:, None] * noise
+    return maps, s_ell, sigma
+
+
+@functools.lru_cache(maxsize=4)
+def _alm2map_basis(nside: int, lmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """healpy.alm2map of each unit Re and Im a_ℓm coefficient, shapes (n_alm, npix)."""
+    n = hp.Alm.getsize(lmax)
+    eye = np.eye(n)
+    re_basis = np.array([hp.alm2map(e.astype(complex), nside, lmax=lmax) for e in eye])
+    im_basis = np.array([hp.alm2map(1j * e, nside, lmax=lmax) for e in eye])
+    return re_basis, im_basis
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
                directory (per-realisation C_ℓ(T) for g ∥ B0 and g ⊥ B0, ⟨r_i r_j⟩, K̃, maps).
     analyse    ⟨C_ℓ⟩(T), K(T) → K_∥, K_⊥, noise N(T) (3.1), Ĉ_ℓ = ⟨C_ℓ⟩ − N with its variance,
                the standard-diffusion dipole, convergence of Ĉ_ℓ/Ĉ_1, and the fit of the BGK
-               exponent p (4.7) to Ĉ_ℓ at the last save time (``inference.fit``).
+               exponent p (4.7) to Ĉ_ℓ at the last save time (``inference.ml``, ``inference.covariance_fit``).
     figures    fig2.png, fig3.png, skymap.png (``crjax.plot``).
 
 This module sits above both packages: it only wires library calls and does bookkeeping. The
@@ -30,30 +30,34 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 from scipy import stats
 
-from crjax import angular, plot, transport
+from crjax import estimators, plot, transport
 from crjax.presets import Preset, get_preset
 from crjax.results import read_params, read_results, read_summary, to_jsonable
 from crjax.runs import gradient_directions, simulate
 from crjax.theory import bgk_spectrum
 
+from .covariance_fit import summarise_fit
 from .data import save_spectrum, spectrum_from_estimate
-from .fit import fit_p_map
+from .ml import fit_p_map
 
 __all__ = [
+    "CONVERGENCE_SPAN",
     "analyse",
+    "format_summary",
     "make_figures",
     "plot_run",
     "reproduce",
-    "format_summary",
-    "CONVERGENCE_SPAN",
 ]
 
 CONVERGENCE_SPAN = 2.0  # compare Ĉ_ℓ/Ĉ_1 at T_last with the save time ≤ T_last / CONVERGENCE_SPAN
 
 
-def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
+def _ratio_and_error(
+    cls: Float[np.ndarray, "nreal ntimes ell"], noise: Float[np.ndarray, " ntimes"]
+) -> tuple[Float[np.ndarray, "ntimes ell"], Float[np.ndarray, "ntimes ell"]]:
     """R_ℓ = Ĉ_ℓ/Ĉ_1 and its 1σ error by the delta method over realisations.
 
     ``cls`` (n, nt, L+1) per-realisation spectra, ``noise`` (nt,). N is taken as exact, so
@@ -70,7 +74,12 @@ def _ratio_and_error(cls: np.ndarray, noise: np.ndarray):
     return r, np.sqrt(np.maximum(var_r, 0.0))
 
 
-def _convergence(t_omega: np.ndarray, r: np.ndarray, err: np.ndarray, ell_hi: int) -> dict:
+def _convergence(
+    t_omega: Float[np.ndarray, " ntimes"],
+    r: Float[np.ndarray, "ntimes ell"],
+    err: Float[np.ndarray, "ntimes ell"],
+    ell_hi: int,
+) -> dict:
     """The documented criterion (module docstring) on R_ℓ, 2 ≤ ℓ ≤ ell_hi."""
     last = len(t_omega) - 1
     prev = np.flatnonzero(t_omega <= t_omega[-1] / CONVERGENCE_SPAN)
@@ -105,13 +114,30 @@ def _simulated_spectrum(ell, chat, var, preset: Preset, side: str, t_omega: floa
 
 def _fit_p(spec) -> dict:
     """Fit the BGK exponent p (4.7) to the simulated Ĉ_ℓ with its realisation variance
-    (``inference.fit.fit_p_map``: free amplitude, no extra noise term since N is subtracted,
+    (``inference.ml.fit_p_map``: free amplitude, no extra noise term since N is subtracted,
     Gaussian likelihood, Laplace 68% interval)."""
     ell = spec.ell
     res = fit_p_map(spec, lmin=int(ell[0]), lmax=int(ell[-1]), noise="none", likelihood="gaussian")
     return {"p_best": res.p, "p_err": res.p_err, "p_interval": list(res.p_interval),
             "amplitude": res.amplitude, "chi2": res.chi2, "dof": res.dof, "pvalue": res.pvalue,
             "fit_converged": res.converged, "ell": [int(ell[0]), int(ell[-1])]}
+
+
+def _fit_covariance(samples: Float[np.ndarray, "nreal ell"], ell_hi: int) -> dict:
+    """The fit of p (4.7) on the full covariance of the unbiased estimate at one time
+    (``inference.covariance_fit.summarise_fit``: Hartlap-corrected inverse, profile interval, χ²
+    and its p-value, p by fitted ℓmax, other ν_r families if BGK is rejected). ``samples`` are the
+    per-realisation estimates Ĉ_ℓ^(r) (ℓ = 0..); the covariance of their mean is their sample
+    covariance / n. With too few realisations for the Hartlap inverse (n < L + 5) the fit is
+    skipped and the reason recorded."""
+    ell = np.arange(1, ell_hi + 1)
+    s = np.asarray(samples)[:, 1 : ell_hi + 1]
+    n = s.shape[0]
+    cov = np.atleast_2d(np.cov(s, rowvar=False, ddof=1)) / n
+    try:
+        return summarise_fit(ell, s.mean(0), cov, n)
+    except ValueError as err:
+        return {"skipped": f"no full-covariance fit: {err}"}
 
 
 def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, dict]:
@@ -144,10 +170,10 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
     fit_ell = np.arange(1, preset.fit_ell_max + 1)
     for side, g in (("par", g_par), ("perp", g_perp)):
         cls = chunks[f"cl_{side}"]
-        noise = np.asarray(angular.noise_level(K, times, g, preset.npix))
-        est = angular.spectrum_estimator(cls, noise)
+        noise = np.asarray(estimators.noise_level(K, times, g, preset.npix))
+        est = estimators.spectrum_estimator(cls, noise)
         mean_map = chunks[f"sum_maps_{side}"].sum(0) / n  # (nt, npix) = ⟨r⟩·g
-        dip = np.asarray(angular.standard_dipole(mean_map[None]))
+        dip = np.asarray(estimators.standard_dipole(mean_map[None]))
         ratio, rerr = _ratio_and_error(cls, noise)
         arrays.update({
             f"cl_{side}": np.asarray(est.mean), f"cl_{side}_realisations": cls,
@@ -162,6 +188,19 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
         fit = _fit_p(spec)
         summary[f"convergence_{side}"] = conv
         summary[f"fit_{side}"] = fit
+        est_r = chunks[f"est_{side}"]  # (n, nt, L+1) unbiased per-realisation estimates
+        arrays[f"chat_unbiased_{side}"] = est_r.mean(0)
+        arrays[f"chat_unbiased_{side}_stderr"] = est_r.std(0, ddof=1) / math.sqrt(n)
+        cov_fit = _fit_covariance(est_r[:, -1], preset.fit_ell_max)
+        summary[f"fit_covariance_{side}"] = cov_fit
+        if "bgk" in cov_fit:  # χ², p-value and the ℓ-range table of the full-covariance fit
+            summary[f"chi2_{side}"] = cov_fit["bgk"]["chi2"]
+            summary[f"pvalue_{side}"] = cov_fit["bgk"]["pvalue"]
+            summary[f"p_by_lmax_{side}"] = cov_fit["by_lmax"]
+        else:  # too few realisations: the diagonal fit's χ² (multipoles taken as independent)
+            summary[f"chi2_{side}"] = fit["chi2"]
+            summary[f"pvalue_{side}"] = fit["pvalue"]
+            summary[f"p_by_lmax_{side}"] = []
         arrays[f"p_best_{side}"] = fit["p_best"]
         arrays[f"fit_amplitude_{side}"] = fit["amplitude"]
     # Headline numbers: the parallel-gradient case (the seed's Fig. 3 left panel).
@@ -300,14 +339,14 @@ def format_summary(summary: dict | str | Path) -> str:
     """One screen of text: K_∥, K_⊥, convergence, best-fit p, files (a dict or a run directory)."""
     s = summary if isinstance(summary, dict) else read_summary(summary)
     lines = [
-        f"crjax {s.get('preset', '')}: nside {s['nside']}, {s['realizations']} realisations, "
-        f"tΩ up to {s['t_omega_last']:.4g}, wall {s['wall_s']:.1f} s",
-        f"  K_par  = {s['K_par']:.4g} ± {s['K_par_stderr']:.2g} Lc c   (λ_par = 3K = "
-        f"{s['lambda_par']:.3g} Lc)",
-        f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
-        f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})",
-        f"  relative diffusion (2.4): K~_par = {s['Ktilde_par']:.4g}, K~_perp = "
-        f"{s['Ktilde_perp']:.4g} Lc c",
+        (f"crjax {s.get('preset', '')}: nside {s['nside']}, {s['realizations']} realisations, "
+         f"tΩ up to {s['t_omega_last']:.4g}, wall {s['wall_s']:.1f} s"),
+        (f"  K_par  = {s['K_par']:.4g} ± {s['K_par_stderr']:.2g} Lc c   (λ_par = 3K = "
+         f"{s['lambda_par']:.3g} Lc)"),
+        (f"  K_perp = {s['K_perp']:.4g} ± {s['K_perp_stderr']:.2g} Lc c   "
+         f"(K_perp/K_par = {s['K_perp'] / s['K_par']:.3g})"),
+        (f"  relative diffusion (2.4): K~_par = {s['Ktilde_par']:.4g}, K~_perp = "
+         f"{s['Ktilde_perp']:.4g} Lc c"),
     ]
     for side, name in (("par", "∇n ∥ B0"), ("perp", "∇n ⊥ B0")):
         c, f = s[f"convergence_{side}"], s[f"fit_{side}"]
@@ -320,6 +359,12 @@ def format_summary(summary: dict | str | Path) -> str:
             f"  {name}: p = {f['p_best']:.3f} [{lo:.3f}, {hi:.3f}] (68%, χ²={f['chi2']:.1f}/"
             f"{f['dof']});  Ĉ_ℓ/Ĉ_1 converged{span}: {c['converged']} ({chi}{rel})"
         )
+    for side, name in (("par", "∇n ∥ B0"), ("perp", "∇n ⊥ B0")):
+        cf = s.get(f"fit_covariance_{side}", {})
+        if "statement" in cf:
+            lines.append(f"  {name}, full covariance: {cf['statement']}")
+        elif "skipped" in cf:
+            lines.append(f"  {name}: {cf['skipped']}")
     lines.append(f"  converged (both): {s['converged']}   seed: p ≈ 1/2, steady state at tΩ ≳ 100")
     for k, v in s.get("files", {}).items():
         lines.append(f"  {k:13s} {v}")

@@ -23,7 +23,7 @@ if os.environ.get("CRJAX_TYPECHECK", "0") == "1":
         _import_all("crjax")
         _import_all("inference")
 
-import crjax  # noqa: E402  (enables x64)
+import crjax  # enables x64 (after the hook above, so that it checks crjax too)
 
 # Two CPU devices, as the CLI sets up on a 2-core machine: every default backtrack in the suite runs
 # the production path (particles split over devices); tests/test_backtrack.py compares it with

@@ -170,6 +170,14 @@ def test_corrupt_params_json_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, rc, "params.json", "not valid JSON")
     rc = cli.main(["plot", "--run", str(tmp_path)])
     _one_line_error(capsys, rc, "params.json", "not valid JSON")
+    # valid JSON, but not a preset's parameters (a key missing, a value out of range)
+    for params in ({"nside": 2, "n_items": 3, "chunk_size": 2},
+                   {**run_params(tiny()), "nside": 3}):
+        (tmp_path / "params.json").write_text(json.dumps({"params": params}))
+        rc = cli.main(["reproduce", "--preset", "tiny", "--out", str(tmp_path)])
+        _one_line_error(capsys, rc, "params.json", "stored parameters are not valid")
+        rc = cli.main(["plot", "--run", str(tmp_path)])
+        _one_line_error(capsys, rc, "params.json", "not valid run parameters")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,14 +216,16 @@ def _spectrum_files(tmp_path):
     files = {
         "missing": (tmp_path / "nope.txt", ["nope.txt", "does not exist"]),
         "directory": (tmp_path, ["not a regular file"]),
-        "empty": (tmp_path / "empty.txt", ["empty.txt", "no data rows"]),
-        "binary": (tmp_path / "bin.dat", ["bin.dat", "not a UTF-8 text file"]),
+        "empty": (tmp_path / "empty.txt", ["empty.txt", "the file is empty"]),
+        "binary": (tmp_path / "bin.dat", ["bin.dat", "binary content"]),
+        "latin-1": (tmp_path / "latin.txt", ["latin.txt"]),
         "columns": (tmp_path / "cols.txt", ["cols.txt:", "expected 4 columns"]),
         "nan": (tmp_path / "nan.txt", ["nan.txt:", "must be finite"]),
         "text": (tmp_path / "text.txt", ["text.txt:", "not a number"]),
     }
     files["empty"][0].write_text("")
     files["binary"][0].write_bytes(bytes(range(256)) * 4)
+    files["latin-1"][0].write_bytes(("# experiment: Málaga\n" + rows[0] + "\n").encode("latin-1"))
     files["columns"][0].write_text("\n".join(header + [" ".join(rows[0].split()[:3])]) + "\n")
     r = rows[0].split()
     files["nan"][0].write_text("\n".join(header + [" ".join([r[0], "nan", *r[2:]])]) + "\n")
@@ -223,8 +233,8 @@ def _spectrum_files(tmp_path):
     return files
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "empty", "binary", "columns", "nan",
-                                  "text"])
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "binary", "latin-1", "columns",
+                                  "nan", "text"])
 def test_bad_spectrum_file_is_one_line(case, tmp_path, capsys):
     path, words = _spectrum_files(tmp_path)[case]
     rc = cli.main(["fit", str(path), "--quiet"])
@@ -234,7 +244,7 @@ def test_bad_spectrum_file_is_one_line(case, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--num-samples", "0"], ["--num-samples", ">= 1"]),
+        (["--num-samples", "1"], ["--num-samples", ">= 2"]),
         (["--num-warmup", "-5"], ["--num-warmup"]),
         (["--num-chains", "0"], ["--num-chains"]),
         (["--lmin", "-1"], ["--lmin"]),
@@ -311,7 +321,7 @@ def test_module_invocation_answers_bad_input_in_one_line(tmp_path):
     env_path = str(ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "inference.cli", "fit", str(tmp_path / "missing.txt")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
         env={**__import__("os").environ, "PYTHONPATH": env_path},
     )
     assert proc.returncode == 2

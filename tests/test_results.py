@@ -131,6 +131,14 @@ def test_damaged_chunk_is_named_and_recomputed(damage, tmp_path):
         np.testing.assert_array_equal(full[k], out[k])
 
 
+def test_stray_chunk_beyond_the_run_is_named(tmp_path):
+    store = RunStore.open(tmp_path, PARAMS)
+    store.write_chunk(0, _compute(5)(0, 3))
+    (tmp_path / "chunk_00007.npz").write_bytes((tmp_path / "chunk_00000.npz").read_bytes())
+    with pytest.raises(ValueError, match=r"chunk_00007\.npz lies beyond the 3 chunks"):
+        store.missing_chunks()
+
+
 def test_corrupt_params_json_is_named(tmp_path):
     RunStore.open(tmp_path, PARAMS)
     (tmp_path / "params.json").write_bytes(b"\x00\xff{")
