@@ -133,7 +133,7 @@ def test_ensemble_sum_psum_agrees_to_round_off(reference):
         np.testing.assert_allclose(s[k], reference[k], rtol=0, atol=1e-13 * np.abs(reference[k]).max())
 
 
-@pytest.mark.slow  # ~70 s on 2 busy cores: two fresh processes compile the step
+# default tier: ~16 s on a quiet 2-core machine (~70 s under heavy load): two fresh processes
 def test_two_processes_reproduce_one_process(tmp_path, in_process):
     # 2 processes, one CPU device each, gloo collectives over localhost: every process returns the
     # full sum, bitwise equal to the single-process one (ordered reduction).
