@@ -191,7 +191,7 @@ def initialize(
     local_device_ids: list[int] | None = None,
     timeout_s: int = 300,
     heartbeat_timeout_s: int | None = None,
-) -> ProcessInfo:
+) -> None:
     """Join (or start) the JAX distributed runtime; must run before JAX computes anything.
 
     Explicit ``coordinator`` ("host:port" of process 0), ``num_processes`` and ``process_id``
@@ -200,7 +200,8 @@ def initialize(
     ``jax.distributed.initialize()`` reads everything from the environment (on GPUs one device per
     task, ``SLURM_LOCALID``). Otherwise, and for one process, nothing is started: a single process
     with its local devices. On CPUs the cross-process collectives use gloo. Calling it again after a
-    successful start is a no-op. Returns ``process_info()``.
+    successful start is a no-op. It does not start JAX's backends (``crjax.use_cpu_cores()`` may
+    follow); ``process_info()`` afterwards says where this process stands.
 
     ``timeout_s``: how long to wait for all processes to join. ``heartbeat_timeout_s`` (default
     ``CRJAX_HEARTBEAT_TIMEOUT_S`` or 100): after this long without a heartbeat from a process that
@@ -214,7 +215,7 @@ def initialize(
         heartbeat_timeout_s = _env_int(ENV_HEARTBEAT) or 100
     check_int_at_least("heartbeat_timeout_s", heartbeat_timeout_s, 1)
     if plan is None or jax.distributed.is_initialized():
-        return process_info()
+        return
     # CPU collectives across processes: gloo (the default, "none", cannot cross processes).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # A process that dies (kill -9, a lost node) must not take the others down: they finish their
@@ -239,19 +240,21 @@ def initialize(
                 "`import crjax`); JAX's backends are already running"
             ) from err
         raise
-    if jax.process_index() == 0:
+    if plan == "auto" or plan[2] == 0:  # process 0 (auto: decided at exit, backends are up then)
         # Registered after jax's own shutdown hook, so it runs first (atexit is LIFO).
-        atexit.register(_wait_for_others_to_leave, jax.process_count())
-    return process_info()
+        atexit.register(_wait_for_others_to_leave)
 
 
-def _wait_for_others_to_leave(count: int, timeout_s: float = 600.0) -> None:
+def _wait_for_others_to_leave(timeout_s: float = 600.0) -> None:
     """At exit of process 0: stay until the other processes have disconnected (or died).
 
     Process 0 hosts the coordination service; with recoverable tasks the shutdown is not
     synchronised, so a process still shutting down when it goes would abort. Bounded wait."""
     deadline = time.monotonic() + timeout_s
     with contextlib.suppress(Exception):  # the service may already be gone: nothing to wait for
+        if jax.process_index() != 0:
+            return
+        count = jax.process_count()
         while len(_live_processes(count)) > 1 and time.monotonic() < deadline:
             time.sleep(0.2)
 

@@ -184,7 +184,8 @@ def test_initialize_reads_env_and_single_process_is_a_no_op(monkeypatch):
         distributed.initialize()
     monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "1")
     monkeypatch.setenv(distributed.ENV_PROCESS_ID, "0")
-    info = distributed.initialize()  # one process: nothing started
+    assert distributed.initialize() is None  # one process: nothing started
+    info = distributed.process_info()
     assert (info.index, info.count, info.is_main) == (0, 1, True)
     assert not jax.distributed.is_initialized()
 
