@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float
 
-from . import estimators, spectra, transport
+from . import distributed, estimators, spectra, transport
 from .presets import Preset
 from .results import RunStore
 
@@ -87,7 +87,7 @@ def _upgrade_params(stored: dict[str, Any]) -> dict[str, Any]:
 
 def simulate(
     preset: Preset, out: str | Path, *, resume: bool = True, progress: bool = True
-) -> tuple[RunStore, dict[str, np.ndarray]]:
+) -> tuple[RunStore, dict[str, np.ndarray] | None]:
     """Run (or resume) the ensemble of ``preset`` into ``out``; returns the store and all chunks.
 
     Chunk arrays: ``cl_par``, ``cl_perp`` and the unbiased per-realisation estimates ``est_par``,
@@ -96,6 +96,9 @@ def simulate(
     last save time; ``sum_maps_par``, ``sum_maps_perp`` (nchunks, nt, npix) chunk sums of δI (for
     the standard-diffusion dipole). ``n`` counts realisations, in order. ``preset`` is validated
     in full (it is a ``Preset``) before anything is written.
+
+    Run in several processes (``crjax.distributed.initialize``), each writes its share of the
+    chunks into the shared ``out``; process 0 returns all chunks, the others ``(store, None)``.
     """
     from .ensemble import run_ensemble
     from .sky import healpix_directions
@@ -103,7 +106,8 @@ def simulate(
     if not isinstance(preset, Preset):
         raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout crjax)
             f"preset must be a crjax.presets.Preset; got {type(preset).__name__}")
-    store = RunStore.open(out, run_params(preset), resume=resume, upgrade=_upgrade_params)
+    # All processes of a distributed run (crjax.distributed): process 0 writes params.json first.
+    store = distributed.open_store(out, run_params(preset), resume=resume, upgrade=_upgrade_params)
     g_par, g_perp = gradient_directions(preset)
     reducer = _reducer(tuple(g_par), tuple(g_perp), preset.ell_max)
     fparams = preset.field_params()
@@ -130,13 +134,14 @@ def simulate(
         return red
 
     bar = None
-    if progress:
+    if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=preset.n_realisations, initial=store.n_done, unit="real",
                    desc=f"crjax {preset.name}", dynamic_ncols=True)
     try:
-        chunks = store.run(compute, progress=None if bar is None else bar.update)
+        # this process's share of the missing chunks; process 0 then gets all (others: None)
+        chunks = distributed.run_chunks(store, compute, progress=None if bar is None else bar.update)
     finally:
         if bar is not None:
             bar.close()

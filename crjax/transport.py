@@ -4,14 +4,15 @@
 
 averaged over the initial directions (and over field realisations where there are several);
 K_∥ = b̂·K·b̂, K_⊥ = (tr K − K_∥)/2, mean free path λ = 3K/v; and the relative diffusion tensor
-K̃ of (2.4), over all direction pairs and resolved in their separation.
+K̃ of (2.4), over all direction pairs and resolved in their separation. The finite-time Lyapunov
+exponent lives in ``crjax.chaos``.
 """
 
 from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -326,4 +327,3 @@ def binned_relative_dispersion(
     mean = jnp.where((cnt > 0)[None, :, None, None], tot / safe[None, :, None, None], jnp.nan)
     mean = jnp.reshape(mean, batch + (nbins, 3, 3))
     return BinnedDispersion(jnp.asarray(edges, dtype=r.dtype), mean, cnt)
-

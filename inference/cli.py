@@ -55,6 +55,14 @@ def _add_run_args(p: argparse.ArgumentParser, *, default_preset: str) -> None:
                    help="refuse to continue an existing run in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    # Distributed runs (crjax.distributed, docs/scaling.md): under srun / mpirun nothing is needed.
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes: address of process 0 (or CRJAX_COORDINATOR; detected "
+                        "under srun/mpirun); each process writes its share of the chunks")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="number of processes of a distributed run (or CRJAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="this process's index in [0, --num-processes) (or CRJAX_PROCESS_ID)")
     _add_common(p)
 
 
@@ -260,6 +268,10 @@ def _run(args) -> int:
     # any JAX work (building a preset validates its field, which runs JAX). JAX may already be
     # running when main() is called as a library function (tests, notebooks): then keep its
     # devices (results do not depend on the count beyond round-off).
+    # Join a distributed run first (before any JAX work); no-op for a single process.
+    from crjax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     with contextlib.suppress(RuntimeError):
         use_cpu_cores()
     # Everything is validated before anything is written: the preset here, the out directory
@@ -269,7 +281,11 @@ def _run(args) -> int:
 
     summary = reproduce(preset, args.out, resume=args.resume, progress=args.progress,
                         figures=args.command == "reproduce")
-    print(format_summary(summary))
+    if summary.get("chunks_only"):  # a process other than 0 of a distributed run
+        print(f"crjax: process {summary['process_index']}: its chunks are in "
+              f"{summary['directory']}; process 0 writes the results")
+    else:
+        print(format_summary(summary))
     return 0
 
 

@@ -310,10 +310,15 @@ def reproduce(
 
     Writes ``params.json``, ``chunk_*.npz``, ``results.npz``, ``summary.json`` and the figures to
     ``out``; returns the summary dict. ``wall_s`` counts this call only (a resumed run reports the
-    time of the resumption)."""
+    time of the resumption). In a distributed run (``crjax.distributed``) every process computes
+    its share of the chunks and only process 0 goes on to write the results, figures and summary;
+    the others return ``{"process_index": i, "chunks_only": True, ...}``."""
     t0 = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
     store, chunks = simulate(preset, out, resume=resume, progress=progress)
+    if chunks is None:  # not process 0: its chunks are on disk, process 0 does the rest
+        return {"process_index": jax.process_index(), "chunks_only": True,
+                "directory": str(store.directory), "wall_s": time.perf_counter() - t0}
     arrays, summary, spectra = analyse(chunks, preset)
     store.write_results(arrays)
     files = {"directory": str(store.directory), "results": str(store.directory / "results.npz"),
