@@ -25,7 +25,7 @@ bookkeeping, setup and output); ``save`` = four save times minus one.
 
     python benchmarks/engine.py                                  # full (several minutes)
     python benchmarks/engine.py --quick                          # tΩ = 20 smoke run
-    python benchmarks/engine.py --baseline /work/wt/baseline     # + same-run A/B vs baseline
+    python benchmarks/engine.py --baseline ../baseline          # + same-run A/B vs a checkout of another commit
 
 The last line is one JSON object with boris_f64_steps_per_s, boris_f32_steps_per_s,
 adaptive_f64_steps_per_s, compile_s (Boris fp64), ns_per_mode_eval_f64 and ns_per_mode_eval_f32
