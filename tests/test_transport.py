@@ -4,7 +4,6 @@ References we did not write: Gaussian moments (Isserlis: Var(r_i r_j) = C_ii C_j
 rotation invariance, physics.md §7 bands and relations.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
