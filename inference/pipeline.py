@@ -140,6 +140,19 @@ def _fit_covariance(samples: Float[np.ndarray, "nreal ell"], ell_hi: int) -> dic
         return {"skipped": f"no full-covariance fit: {err}"}
 
 
+def _headline_p(summary: dict) -> dict:
+    """The headline p (∇n ∥ B0): the fit on the full covariance of the unbiased estimate where there
+    are enough realisations for it, else the per-multipole fit of the seed's ⟨C_ℓ⟩ − N (the method
+    is named in ``p_method``)."""
+    cov = summary["fit_covariance_par"]
+    if "bgk" in cov:
+        return {"p_best": cov["bgk"]["p"], "p_interval": cov["bgk"]["p_interval_68"],
+                "p_method": "full covariance of the unbiased estimate (inference.covariance_fit)"}
+    return {"p_best": summary["fit_par"]["p_best"], "p_interval": summary["fit_par"]["p_interval"],
+            "p_method": "per-multipole fit of <C_l> - N (too few realisations for the full "
+                        "covariance)"}
+
+
 def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, dict]:
     """Ensemble statistics, convergence and the fit of p. Returns ``(arrays, summary, spectra)``:
     ``arrays`` go to ``results.npz``, ``summary`` (scalars) to ``summary.json``, ``spectra``
@@ -211,7 +224,7 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
         "lambda_par": float(3 * K_par[-1]),
         "Ktilde_par": float(arrays["Ktilde_par"][-1]),
         "Ktilde_perp": float(arrays["Ktilde_perp"][-1]),
-        "p_best": summary["fit_par"]["p_best"], "p_interval": summary["fit_par"]["p_interval"],
+        **_headline_p(summary),
         "converged": bool(summary["convergence_par"]["converged"]
                           and summary["convergence_perp"]["converged"]),
         "converged_criterion": (
