@@ -184,8 +184,13 @@ def _spectrum(gamma: float):
 def paper() -> Preset:
     """The seed's §3 simulation: nside 32 (12288 directions), 120 realisations, σ² = 1,
     rL = 0.1 Lc, λ = 0.01–100 Lc, γ = 11/3, 256 modes (the seed does not state N; ``docs/physics.md`` §2),
-    tΩ up to 1000 (its Fig. 2). Meant for a GPU; runs (slowly) on CPU and resumes: measured
-    ~90 s per realisation on 2 CPU cores, ~3 h in all."""
+    tΩ up to 1000 (its Fig. 2).
+
+    The engine runs in float32 (estimators in float64): on the same 48 realisations at nside 8 up to
+    tΩ = 1000, float32 and float64 agree on K_∥, K_⊥ and Ĉ_ℓ (ℓ ≤ 9, both gradients) within the
+    statistical errors — paired differences at tΩ ≥ 30 beyond 2σ in 3 of 80 entries, none beyond
+    3σ (``benchmarks/precision.py``; ``docs/results.md``) — at ~2.8x the speed. 2 CPU cores: about
+    an hour (``docs/results.md`` has the measured wall time); resumable."""
     return Preset(
         name="paper",
         nside=32,
@@ -195,6 +200,7 @@ def paper() -> Preset:
         fig3_t_omega=(_log_times(1.0, 1000.0, 25)[16], _log_times(1.0, 1000.0, 25)[20], 1000.0),
         ell_max=20,
         fit_ell_max=9,
+        dtype="float32",
         note="seed §3 (Ahlers & Mertsch 2015): Figs. 2-3",
     )
 

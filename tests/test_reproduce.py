@@ -30,6 +30,8 @@ def test_paper_preset_is_the_seed_setup():
     assert p.gamma == pytest.approx(11 / 3, rel=1e-15)
     assert max(p.t_omega) == pytest.approx(1000.0)
     np.testing.assert_allclose(p.times, np.asarray(p.t_omega) * 0.1)
+    # float32 engine: validated against float64 on the same realisations (benchmarks/precision.py)
+    assert p.dtype == "float32"
     q = presets.quick()
     assert (q.sigma2, q.lambda_min, q.lambda_max, q.rL, q.gamma) == (
         p.sigma2, p.lambda_min, p.lambda_max, p.rL, p.gamma)
