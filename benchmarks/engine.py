@@ -27,6 +27,9 @@ bookkeeping, setup and output); ``save`` = four save times minus one.
     python benchmarks/engine.py --quick                          # tΩ = 20 smoke run
     python benchmarks/engine.py --baseline ../baseline          # + same-run A/B vs a checkout of another commit
 
+``ensemble_f64``/``ensemble_f32``: the production path, ``run_ensemble`` over one chunk of 4
+realisations with the same N directions, tΩ and step (particle-steps counted over all four).
+
 The last line is one JSON object with boris_f64_steps_per_s, boris_f32_steps_per_s,
 adaptive_f64_steps_per_s, compile_s (Boris fp64), ns_per_mode_eval_f64 and ns_per_mode_eval_f32
 (engine, CPU time per core), the per-core-second rates, the profile, and the baseline's figures
@@ -88,6 +91,15 @@ def _worker(args):
     for name, dtype in dtypes.items():
         cases[f"boris_{name}"] = (
             lambda dtype=dtype: crjax.backtrack(field, dirs, times, rL=rL, dt=dt, dtype=dtype),
+            None,
+        )
+    # The production path: run_ensemble over a chunk of 4 realisations, N directions each.
+    params = paper_2015_field(n_modes=modes)
+    for name, dtype in dtypes.items():
+        cases[f"ensemble_{name}"] = (
+            lambda dtype=dtype: crjax.run_ensemble(
+                params, jax.random.PRNGKey(2), 4, dirs, times, rL=rL, chunk_size=4, dt=dt,
+                dtype=dtype),
             None,
         )
     if args.profile:
@@ -330,7 +342,7 @@ def main(argv=None):
         f"N = {args.n} particles, {args.modes} modes, rL = 0.1, tΩ = {t_omega:g}, dt = rL/20, "
         f"4 save times; min of {args.repeats} interleaved repeats; cpu_count {os.cpu_count()}"
     )
-    cases = [f"boris_{d}" for d in DTYPES]
+    cases = [f"boris_{d}" for d in DTYPES] + [f"ensemble_{d}" for d in DTYPES]
     if args.profile:
         cases += [f"prof_{p}_{d}" for d in DTYPES for p in ("field", "push", "bt1", "bt4")]
     first, best = _ab(workers, cases, args.repeats)
@@ -359,6 +371,18 @@ def main(argv=None):
                 f"boris_{d} new/baseline (same run): x{rates['new', d] / rates['baseline', d]:.3f} "
                 f"wall, x{cpu_rates['new', d] / cpu_rates['baseline', d]:.3f} CPU time"
             )
+
+    ens = {}
+    for d in DTYPES:
+        for w in workers:
+            r = best[w.label, f"ensemble_{d}"]
+            ens[w.label, d] = r["steps"] / r["s"]
+            print(f"ensemble_{d} {w.label:8s}: {ens[w.label, d]:.3e} particle-steps/s (wall; "
+                  f"run_ensemble, 4 realisations x {args.n} directions), "
+                  f"{r['steps'] / r['cpu']:.3e} per core-second")
+        if len(workers) > 1:
+            print(f"ensemble_{d} new/baseline (same run): x{ens['new', d] / ens['baseline', d]:.3f}"
+                  " wall")
 
     profile = {}
     if args.profile:
@@ -393,6 +417,7 @@ def main(argv=None):
     }
     for d in DTYPES:
         summary[f"boris_{d}_steps_per_core_s"] = cpu_rates["new", d]
+        summary[f"ensemble_{d}_steps_per_s"] = ens["new", d]
     if len(workers) > 1:
         for d in DTYPES:
             summary[f"baseline_boris_{d}_steps_per_s"] = rates["baseline", d]
@@ -400,6 +425,8 @@ def main(argv=None):
             summary[f"baseline_ns_per_mode_eval_{d}"] = ns["baseline", d]
             summary[f"ratio_boris_{d}"] = rates["new", d] / rates["baseline", d]
             summary[f"ratio_boris_{d}_cpu"] = cpu_rates["new", d] / cpu_rates["baseline", d]
+            summary[f"baseline_ensemble_{d}_steps_per_s"] = ens["baseline", d]
+            summary[f"ratio_ensemble_{d}"] = ens["new", d] / ens["baseline", d]
     if profile:
         summary["profile_ns_per_mode_eval"] = {
             k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in profile.items()

@@ -123,19 +123,22 @@ def _fit_p(spec) -> dict:
             "fit_converged": res.converged, "ell": [int(ell[0]), int(ell[-1])]}
 
 
-def _fit_covariance(samples: Float[np.ndarray, "nreal ell"], ell_hi: int) -> dict:
+def _fit_covariance(samples: Float[np.ndarray, "nreal ell"], ell_hi: int,
+                    table_hi: int | None = None) -> dict:
     """The fit of p (4.7) on the full covariance of the unbiased estimate at one time
     (``inference.covariance_fit.summarise_fit``: Hartlap-corrected inverse, profile interval, χ²
     and its p-value, p by fitted ℓmax, other ν_r families if BGK is rejected). ``samples`` are the
     per-realisation estimates Ĉ_ℓ^(r) (ℓ = 0..); the covariance of their mean is their sample
-    covariance / n. With too few realisations for the Hartlap inverse (n < L + 5) the fit is
-    skipped and the reason recorded."""
-    ell = np.arange(1, ell_hi + 1)
-    s = np.asarray(samples)[:, 1 : ell_hi + 1]
+    covariance / n. The headline fit uses 1 ≤ ℓ ≤ ``ell_hi``; the ℓ-range table runs over the ℓmax
+    of 4..12 up to ``table_hi`` (default ``ell_hi``). With too few realisations for the Hartlap
+    inverse (n < L + 5) the fit is skipped and the reason recorded."""
+    hi = max(ell_hi, table_hi or ell_hi)
+    ell = np.arange(1, hi + 1)
+    s = np.asarray(samples)[:, 1 : hi + 1]
     n = s.shape[0]
     cov = np.atleast_2d(np.cov(s, rowvar=False, ddof=1)) / n
     try:
-        return summarise_fit(ell, s.mean(0), cov, n)
+        return summarise_fit(ell, s.mean(0), cov, n, lmax=ell_hi)
     except ValueError as err:
         return {"skipped": f"no full-covariance fit: {err}"}
 
@@ -204,7 +207,8 @@ def analyse(chunks: dict[str, np.ndarray], preset: Preset) -> tuple[dict, dict, 
         est_r = chunks[f"est_{side}"]  # (n, nt, L+1) unbiased per-realisation estimates
         arrays[f"chat_unbiased_{side}"] = est_r.mean(0)
         arrays[f"chat_unbiased_{side}_stderr"] = est_r.std(0, ddof=1) / math.sqrt(n)
-        cov_fit = _fit_covariance(est_r[:, -1], preset.fit_ell_max)
+        # the ℓ-range table goes to ℓmax = 12 where the run stores it (issue 9: ℓmax = 4..12)
+        cov_fit = _fit_covariance(est_r[:, -1], preset.fit_ell_max, min(12, preset.ell_max))
         summary[f"fit_covariance_{side}"] = cov_fit
         if "bgk" in cov_fit:  # χ², p-value and the ℓ-range table of the full-covariance fit
             summary[f"chi2_{side}"] = cov_fit["bgk"]["chi2"]
