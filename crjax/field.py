@@ -29,17 +29,21 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from ._checks import check_finite, check_int_at_least, check_positive, is_concrete
 
 __all__ = [
+    "AMPLITUDE_LAWS",
     "AbstractSpectrum",
     "BendOverSpectrum",
     "FieldParams",
     "KolmogorovSpectrum",
     "TurbulentField",
+    "gaussian_amplitudes",
     "paper_2015_field",
     "realise_field",
     "uniform_field",
 ]
 
 _GEOMETRIES = ("isotropic", "slab")
+#: FieldParams.amplitude_law values: the seed's fixed amplitudes, or Gaussian random ones.
+AMPLITUDE_LAWS = ("fixed", "gaussian")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +128,10 @@ class FieldParams(eqx.Module):
     wavelength, 0 < lmin < lmax; k_n = geomspace(2π/lmax, 2π/lmin, n_modes). b0: |B0| (> 0).
     b0_direction: direction of B0, shape (3,), normalised internally (not the zero vector).
     spectrum: an ``AbstractSpectrum``. geometry: "isotropic" (κ̂ uniform on the sphere) or
-    "slab" (κ̂ ∥ b̂0). n_modes: N ≥ 1 (static: it fixes array shapes).
+    "slab" (κ̂ ∥ b̂0). n_modes: N ≥ 1 (static: it fixes array shapes). amplitude_law: "fixed"
+    (the seed's |δB_n| = A_n, the default) or "gaussian" (each mode's amplitude vector a 2-D
+    Gaussian ⊥ κ̂_n with E|a_n|² = A_n², :func:`gaussian_amplitudes`: the same spectrum on average,
+    and θ then enters a density, which the score-function gradients of ``crjax.gradients`` need).
     """
 
     sigma2: Float[Array, ""] | float = 1.0
@@ -137,6 +144,7 @@ class FieldParams(eqx.Module):
     geometry: str = eqx.field(default="isotropic", static=True)
     # loosely annotated: __check_init__ answers a non-integer with a ValueError
     n_modes: int | float = eqx.field(default=256, static=True)
+    amplitude_law: str = eqx.field(default="fixed", static=True)
 
     def __check_init__(self):
         _validate(self)
@@ -156,6 +164,8 @@ def _validate(p: FieldParams) -> None:
     check_int_at_least("n_modes", p.n_modes, 1)
     if p.geometry not in _GEOMETRIES:
         raise ValueError(f"geometry must be one of {_GEOMETRIES}; got {p.geometry!r}")
+    if p.amplitude_law not in AMPLITUDE_LAWS:
+        raise ValueError(f"amplitude_law must be one of {AMPLITUDE_LAWS}; got {p.amplitude_law!r}")
     if not isinstance(p.spectrum, AbstractSpectrum):
         raise ValueError(  # noqa: TRY004  (bad input: ValueError, project rule)
             f"spectrum must be an AbstractSpectrum; got {type(p.spectrum).__name__}"
@@ -478,9 +488,34 @@ def realise_field(
     α_n ~ U(0, 2π) and ê1, ê2 ⊥ κ̂_n; A_n² = 2σ²B0² G_n/Σ G_m. Returns a ``TurbulentField``
     with arrays of ``dtype`` (float64 default, or float32). vmappable over keys:
     ``jax.vmap(realise_field, in_axes=(0, None))(keys, params)``.
+
+    ``params.amplitude_law == "gaussian"``: the modes are drawn from ``fold_in(key, 0)`` as above
+    and the amplitudes then replaced by :func:`gaussian_amplitudes` with ``fold_in(key, 1)``.
     """
     _validate(params)
-    return _realise(key, params, _dtype(dtype), exact_cos)
+    dt = _dtype(dtype)
+    if params.amplitude_law == "gaussian":
+        field = _realise(jax.random.fold_in(key, 0), params, dt, exact_cos)
+        return gaussian_amplitudes(field, jax.random.fold_in(key, 1))
+    return _realise(key, params, dt, exact_cos)
+
+
+def gaussian_amplitudes(field: TurbulentField, key: PRNGKeyArray) -> TurbulentField:
+    """Replace the fixed amplitudes A_n ξ̂_n by Gaussian ones (docs/physics.md §2, §8).
+
+    a_n = (A_n/√2)(z₁ ξ̂_n + z₂ κ̂_n × ξ̂_n), z ~ N(0, 1) from ``key``: a 2-D isotropic Gaussian in
+    the plane ⊥ κ̂_n (so ∇·B = 0 still), E|a_n|² = A_n², the same spectrum on average. Returns a new
+    ``TurbulentField`` (``eqx.tree_at`` on ``amplitudes``); differentiable in the field's leaves.
+    """
+    amp = field.amplitudes
+    a = jnp.linalg.norm(amp, axis=-1)
+    safe = jnp.where(a > 0, a, 1.0)
+    xi = amp / safe[:, None]
+    kappa = field.wavevectors / jnp.linalg.norm(field.wavevectors, axis=-1, keepdims=True)
+    eta = jnp.cross(kappa, xi)
+    z = jax.random.normal(key, (amp.shape[0], 2), amp.dtype)
+    new = (a / jnp.sqrt(jnp.asarray(2.0, amp.dtype)))[:, None] * (z[:, :1] * xi + z[:, 1:] * eta)
+    return eqx.tree_at(lambda f: f.amplitudes, field, new)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -36,6 +36,7 @@ fixed amplitudes; the seed's stays the default everywhere else in crjax.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -49,6 +50,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 import crjax
 
 from ._checks import check_int_at_least, check_positive
+from .field import gaussian_amplitudes  # re-exported: the score-function field option
 
 __all__ = [
     "THETA_NAMES",
@@ -77,36 +79,17 @@ _FOUR_PI = 4.0 * np.pi
 # Gaussian random mode amplitudes (a field option)
 
 
-def _split_normals(key: PRNGKeyArray, n: int, dtype) -> Float[Array, "n 2"]:
-    return jax.random.normal(key, (n, 2), dtype)
-
-
-def gaussian_amplitudes(field: crjax.TurbulentField, key: PRNGKeyArray) -> crjax.TurbulentField:
-    """Replace the seed's fixed amplitudes A_n ξ̂_n by Gaussian ones (docs/physics.md §2, §8).
-
-    a_n = (A_n/√2)(z₁ ξ̂_n + z₂ κ̂_n × ξ̂_n), z ~ N(0, 1) from ``key``: a 2-D isotropic Gaussian in
-    the plane ⊥ κ̂_n (so ∇·B = 0 still), E|a_n|² = A_n², the same spectrum on average. Returns a new
-    ``TurbulentField`` (``eqx.tree_at`` on ``amplitudes``); differentiable in the field's leaves.
-    """
-    amp = field.amplitudes
-    a = jnp.linalg.norm(amp, axis=-1)
-    safe = jnp.where(a > 0, a, 1.0)
-    xi = amp / safe[:, None]
-    kappa = field.wavevectors / jnp.linalg.norm(field.wavevectors, axis=-1, keepdims=True)
-    eta = jnp.cross(kappa, xi)
-    z = _split_normals(key, amp.shape[0], amp.dtype)
-    new = (a / jnp.sqrt(2.0))[:, None] * (z[:, :1] * xi + z[:, 1:] * eta)
-    return eqx.tree_at(lambda f: f.amplitudes, field, new)
-
-
 def realise_gaussian_field(key: PRNGKeyArray, params: crjax.FieldParams) -> crjax.TurbulentField:
-    """One realisation with Gaussian mode amplitudes: ``realise_field`` + :func:`gaussian_amplitudes`.
-
-    Directions and phases come from ``fold_in(key, 0)``, the amplitudes' normals from
-    ``fold_in(key, 1)``; usable as ``run_ensemble(..., realise=realise_gaussian_field)``.
+    """One realisation with Gaussian mode amplitudes: ``realise_field`` with
+    ``amplitude_law="gaussian"`` whatever ``params`` says (directions and phases from
+    ``fold_in(key, 0)``, the amplitudes' normals from ``fold_in(key, 1)``); usable as
+    ``run_ensemble(..., realise=realise_gaussian_field)``.
     """
-    field = crjax.realise_field(jax.random.fold_in(key, 0), params)
-    return gaussian_amplitudes(field, jax.random.fold_in(key, 1))
+    return crjax.realise_field(key, _with_law(params, "gaussian"))
+
+
+def _with_law(params: crjax.FieldParams, law: str) -> crjax.FieldParams:
+    return params if params.amplitude_law == law else dataclasses.replace(params, amplitude_law=law)
 
 
 def mode_variances(params: crjax.FieldParams) -> Float[Array, " n"]:
@@ -114,7 +97,7 @@ def mode_variances(params: crjax.FieldParams) -> Float[Array, " n"]:
 
     A_n² = 2σ²B0² G_n/ΣG_m depends on θ only (not on the key); differentiable in the params' leaves.
     """
-    field = crjax.realise_field(jax.random.PRNGKey(0), params)
+    field = crjax.realise_field(jax.random.PRNGKey(0), _with_law(params, "fixed"))
     return 0.5 * jnp.sum(field.amplitudes**2, axis=-1)
 
 
@@ -280,7 +263,7 @@ def ensemble_sample(
 
 
 def _seed_realise(key, params):
-    return crjax.realise_field(jax.random.fold_in(key, 0), params)
+    return crjax.realise_field(jax.random.fold_in(key, 0), _with_law(params, "fixed"))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

@@ -382,6 +382,7 @@ def test_check_grads_params(key):
         (dict(b0_direction=(0.0, 0.0, 0.0)), "b0_direction"),
         (dict(b0_direction=(1.0, 0.0)), "b0_direction"),
         (dict(geometry="helical"), "geometry"),
+        (dict(amplitude_law="rayleigh"), "amplitude_law"),
         (dict(sigma2=float("nan")), "sigma2"),
     ],
 )

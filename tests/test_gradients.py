@@ -42,6 +42,23 @@ def test_gaussian_amplitudes_divergence_free_and_mean_power(key):
     assert jnp.array_equal(g.phases, field.phases)
 
 
+def test_gaussian_amplitude_law_is_a_field_option(key):
+    # FieldParams(amplitude_law="gaussian") through crjax.realise_field is the same draw as the
+    # estimators' realise_gaussian_field (one definition), and "fixed" stays the seed's field.
+    fixed, gauss = _params(n_modes=8), _params(n_modes=8)
+    gauss = crjax.FieldParams(sigma2=1.0, n_modes=8, amplitude_law="gaussian")
+    a = crjax.realise_field(key, gauss)
+    b = G.realise_gaussian_field(key, fixed)
+    assert jnp.array_equal(a.amplitudes, b.amplitudes) and jnp.array_equal(a.phases, b.phases)
+    seed = crjax.realise_field(jax.random.fold_in(key, 0), fixed)
+    assert jnp.array_equal(a.wavevectors, seed.wavevectors)
+    assert not jnp.allclose(jnp.sum(a.amplitudes**2, -1), jnp.sum(seed.amplitudes**2, -1))
+    # the score's variances come from the fixed amplitudes whatever the law says
+    np.testing.assert_array_equal(G.mode_variances(gauss), G.mode_variances(fixed))
+    # ∇·B = 0 still: a_n ⊥ k_n to round-off (fp64)
+    assert float(jnp.max(jnp.abs(jnp.sum(a.amplitudes * a.wavevectors, -1)))) < 1e-12
+
+
 def test_sigma2_score_is_the_analytic_gamma_score(key):
     # ∂σ² log p = (1/σ²) Σ_n (|a_n|²/(2 s_n²) − 1), s_n² = A_n²/2: from the Gaussian density by hand
     p = _params(n_modes=8, sigma2=0.7)
