@@ -47,7 +47,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser, *, default_preset: str) -> None:
     p.add_argument("--out", default="crjax_out", help="run directory (default: %(default)s)")
     p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                   help="preset: quick (CPU, minutes), paper (seed §3, GPU), tiny (smoke test); "
+                   help="preset: quick (CPU, < 1 min), paper (seed §3, ~1 h on 2 CPU cores), tiny (smoke test); "
                         "default %(default)s")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an interrupted run in --out (default)")
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``crjax`` command with ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
     if argv is None:  # the console script, not a library call
         # Ctrl-C must stop at once: a Python KeyboardInterrupt would wait for the running XLA
-        # computation (a whole chunk: ~20 min for `paper` on CPU). Stopping like kill -9 is safe:
+        # computation (a whole chunk: ~2 min for `paper` on 2 CPU cores). Stopping like kill -9 is safe:
         # chunks are written atomically and the same command resumes.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
