@@ -1,0 +1,417 @@
+"""dp/dθ: how the fitted BGK exponent p moves with the field parameters (issue 13, item 4).
+
+**The fit.** For a data vector Ĉ_ℓ (ℓ in ``ell``) and a *fixed* precision matrix W, the generalised
+least-squares BGK fit is
+
+    p̂(Ĉ) = argmin_p min_A (Ĉ − A f_p)ᵀ W (Ĉ − A f_p),      f_p = bgk_spectrum(ℓ, p)   (seed (4.7)),
+
+with A profiled out exactly (``inference.likelihoods.profiled_chi2``: χ²_min(p) = ĈᵀWĈ − (f_pᵀWĈ)²/f_pᵀWf_p).
+:func:`gls_fit` finds the stationary point g(p, Ĉ) = ∂_p χ²_min / ĈᵀWĈ = 0 (the scale makes the
+tolerance dimensionless and leaves the root and its derivative unchanged) by Newton's method
+(``optimistix.root_find``) started from the best point of a 250-point grid in p ∈ [1e-3, 1 − 1e-3], the
+range ``inference.covariance_fit`` searches. Its derivative is taken by **implicit differentiation**
+(``optimistix.ImplicitAdjoint``, a lineax solve of the 1 × 1 linearised system): by the implicit function
+theorem
+
+    dp̂/dĈ = −(∂_p g)⁻¹ ∂_Ĉ g,
+
+exact at the root, with no derivative of the Newton iterations or of the grid.
+With W = the Hartlap precision of the same ensemble, p̂ is ``inference.covariance_fit.fit_p_covariance``'s
+point estimate (``tests/test_sensitivity.py``).
+
+**Composition with ensemble gradients.** The estimand is p(θ) = p̂(E_θ[f]), f_ℓ = C_ℓ − N the
+per-realisation statistic whose mean is the seed's Ĉ_ℓ (``crjax.gradients``), so
+
+    dp/dθ = ∇p̂(E_θ[f]) · dE_θ[f]/dθ.
+
+Given per-realisation f^(r) (R, L) and per-realisation derivative samples d^(r) (R, L[, k]) whose mean is
+dE[f]/dθ (score function for σ² and γ, the gyro rescaling for rL, central differences with common random
+numbers for anything: ``crjax.gradients``; the exact ∂/∂α of the tensor spectra for the angle α between
+∇n and B0: :func:`tensor_derivative_samples`), :func:`p_sensitivity` returns the **delta-method** estimate
+
+    x_r = ∇p̂(f̄) · d^(r),     dp/dθ = mean_r x_r,     SE = std_r(x_r)/√R,
+
+and, as its check, the **jackknife** over realisations: x_(−r) = ∇p̂(f̄_(−r)) · d̄_(−r) from the R
+leave-one-out means (the fit redone at each), SE_jk² = (R−1)/R Σ_r (x_(−r) − x̄_(·))². The jackknife also
+carries the noise of ∇p̂ itself (it is evaluated at a noisy f̄), which the delta method neglects; the two
+agree when that term is small. The same is done for p̂ itself (its SE: std_r(∇p̂ · f^(r))/√R).
+
+**W is held fixed** (not differentiated, and the same at every θ a finite-difference check compares):
+p(θ) is the W-weighted fit's functional. Re-estimating W at each θ adds ∂p̂/∂W · dW/dθ, which is
+proportional to the residual Ĉ − Â f_p̂ (for data that BGK fits exactly, p̂ does not depend on W at all),
+so it is second order where BGK fits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from crjax.theory import bgk_spectrum
+from inference import inverse
+from inference.likelihoods import hartlap_precision, profiled_chi2
+
+__all__ = [
+    "GLSFit",
+    "PSensitivity",
+    "ensemble_derivative_samples",
+    "fit_p",
+    "fit_p_gradient",
+    "gls_fit",
+    "p_finite_difference",
+    "p_sensitivity",
+    "precision_of_mean",
+    "tensor_derivative_samples",
+]
+
+_P_LO, _P_HI = 1e-3, 1.0 - 1e-3  # the range inference.covariance_fit searches
+_N_GRID = 250  # spacing 4e-3: Newton's basin around a smooth profile's minimum is far wider
+# Newton stops when the step is below 1e-12 (+ 1e-12·p) and |g| < 1e-12: p̂ to round-off
+_NEWTON = optx.Newton(rtol=1e-12, atol=1e-12)
+_MAX_STEPS = 64
+
+
+class GLSFit(NamedTuple):
+    """The fit at one Ĉ: p̂, Â (the model's C_1), χ²_min(p̂) = (Ĉ − Â f)ᵀW(Ĉ − Â f) and ``converged``:
+    Newton succeeded inside (1e-3, 1 − 1e-3) at a point no worse than the grid's best (so a minimum,
+    not a maximum, to round-off of ĈᵀWĈ). Where it is False the stationarity condition does not hold and dp̂/dĈ means nothing."""
+
+    p: Float[Array, ""]
+    amplitude: Float[Array, ""]
+    chi2: Float[Array, ""]
+    converged: Bool[Array, ""]
+
+
+class PSensitivity(NamedTuple):
+    """:func:`p_sensitivity`'s result (module docstring). ``dp_dtheta``, ``se``, ``se_jackknife``:
+    shape (k,) (scalars when the derivative samples had no k axis); ``contributions`` (R, k) the
+    per-realisation x_r; ``dp_dc`` (L,) ∇p̂ at the mean; ``p_se``, ``p_se_jackknife`` the standard error
+    of p̂; ``converged``: every fit (the full mean and the R leave-one-out ones) converged."""
+
+    p: float
+    p_se: float
+    p_se_jackknife: float
+    amplitude: float
+    chi2: float
+    dp_dc: np.ndarray
+    dp_dtheta: np.ndarray
+    se: np.ndarray
+    se_jackknife: np.ndarray
+    contributions: np.ndarray
+    converged: bool
+
+
+# ----------------------------------------------------------------------------------------------
+# the fit and its implicit derivative
+
+
+def _chi2(p, c, w, ell):
+    return profiled_chi2(bgk_spectrum(ell, p), c, w)
+
+
+def _stationarity(p, args):
+    c, w, ell = args
+    return jax.grad(lambda q: _chi2(q, c, w, ell)[0])(p) / (c @ w @ c)
+
+
+def _gls_fit_core(c, w, ell):
+    grid = jnp.linspace(_P_LO, _P_HI, _N_GRID, dtype=c.dtype)
+    chi2_grid, _ = _chi2(grid[:, None], c, w, ell[None, :])  # (n_grid, L) shapes
+    p0 = jax.lax.stop_gradient(grid[jnp.argmin(chi2_grid)])
+    sol = optx.root_find(
+        _stationarity,
+        _NEWTON,
+        p0,
+        args=(c, w, ell),
+        options={"lower": jnp.asarray(_P_LO, c.dtype), "upper": jnp.asarray(_P_HI, c.dtype)},
+        max_steps=_MAX_STEPS,
+        adjoint=optx.ImplicitAdjoint(),
+        throw=False,
+    )
+    p = sol.value
+    chi2, amp = _chi2(p, c, w, ell)
+    p_ = jax.lax.stop_gradient(p)
+    # an interior minimum: Newton from the grid's best point converged, inside the searched range,
+    # and no worse than that grid point (a stationary point that is a maximum would be)
+    edge = 1e-9
+    converged = (
+        (sol.result == optx.RESULTS.successful)
+        & (p_ > _P_LO + edge)
+        & (p_ < _P_HI - edge)
+        & (jax.lax.stop_gradient(chi2) <= jnp.min(chi2_grid) + 1e-9 * jax.lax.stop_gradient(c @ w @ c))
+    )
+    return GLSFit(p, amp, chi2, converged)
+
+
+def _fit_and_grad_core(c, w, ell):
+    def p_of(cc):
+        fit = _gls_fit_core(cc, w, ell)
+        return fit.p, fit
+
+    grad, fit = jax.grad(p_of, has_aux=True)(c)
+    return fit, grad
+
+
+# ONE compiled program serves every fit: its compile (seconds, dominated by the second derivatives of
+# log Γ in bgk_spectrum) dwarfs the run time (~3 ms per fit on CPU), so a gradient is always computed and
+# the jackknife loops over it in Python rather than compiling a vmapped (batched while-loop) twin
+_fit_and_grad = jax.jit(_fit_and_grad_core)
+
+
+def _as_ell(ell) -> np.ndarray:
+    e = np.asarray(ell)
+    if (e.ndim != 1 or e.size < 3 or not np.issubdtype(e.dtype, np.number)
+            or not np.all(np.isfinite(e))):
+        raise ValueError(f"ell must be a 1-D array of at least 3 multipoles >= 1; got {ell!r}")
+    if not np.all(e == np.round(e)) or np.any(e < 1) or np.any(np.diff(e) <= 0):
+        raise ValueError(f"ell must be strictly increasing integers >= 1; got {ell!r}")
+    return e.astype(float)
+
+
+def _check_precision(precision, n):
+    w = np.asarray(precision, dtype=float)
+    if w.shape != (n, n) or not np.all(np.isfinite(w)):
+        raise ValueError(f"precision must be a finite ({n}, {n}) matrix; got shape {w.shape}")
+    if np.max(np.abs(w - w.T)) > 1e-10 * np.max(np.abs(w)):
+        raise ValueError("precision must be symmetric")
+    if np.linalg.eigvalsh(0.5 * (w + w.T))[0] <= 0:
+        raise ValueError("precision must be positive definite")
+    return w
+
+
+def _check_estimate(estimate, n):
+    c = np.asarray(estimate, dtype=float)
+    if c.shape != (n,) or not np.all(np.isfinite(c)):
+        raise ValueError(f"estimate must be a finite array of shape ({n},) (one value per ell); "
+                         f"got shape {c.shape}")
+    if not np.any(c != 0):
+        raise ValueError("estimate must not be all zero (the BGK fit has no shape to fit)")
+    return c
+
+
+def gls_fit(
+    estimate: ArrayLike, precision: ArrayLike, ell: ArrayLike
+) -> GLSFit:
+    """The GLS BGK fit of ``estimate`` Ĉ_ℓ (L,) with the fixed ``precision`` W (L, L) at multipoles
+    ``ell`` (L ≥ 3 strictly increasing integers ≥ 1): p̂, Â, χ²_min, converged (module docstring).
+
+    Differentiable in ``estimate`` and ``precision`` (implicit differentiation); jittable and vmappable
+    through the private core (this entry validates its input and so wants concrete arrays).
+    """
+    e = _as_ell(ell)
+    c = _check_estimate(estimate, e.size)
+    w = _check_precision(precision, e.size)
+    return _fit_and_grad(jnp.asarray(c), jnp.asarray(w), jnp.asarray(e))[0]
+
+
+def fit_p(
+    estimate: ArrayLike, precision: ArrayLike, ell: ArrayLike
+) -> Float[Array, ""]:
+    """p̂ of :func:`gls_fit`; ``jax.grad`` of it is the implicit derivative (call inside ``grad`` with
+    a traced estimate: the checks are then skipped)."""
+    if isinstance(estimate, jax.core.Tracer) or isinstance(precision, jax.core.Tracer):
+        e = jnp.asarray(_as_ell(ell))
+        return _gls_fit_core(jnp.asarray(estimate), jnp.asarray(precision), e).p
+    return gls_fit(estimate, precision, ell).p
+
+
+def fit_p_gradient(
+    estimate: ArrayLike, precision: ArrayLike, ell: ArrayLike
+) -> tuple[GLSFit, Float[Array, " L"]]:
+    """(the fit, dp̂/dĈ) at ``estimate`` by implicit differentiation (module docstring)."""
+    e = _as_ell(ell)
+    c = _check_estimate(estimate, e.size)
+    w = _check_precision(precision, e.size)
+    return _fit_and_grad(jnp.asarray(c), jnp.asarray(w), jnp.asarray(e))
+
+
+def precision_of_mean(samples: ArrayLike) -> Float[np.ndarray, "L L"]:
+    """W = Hartlap-corrected inverse of the covariance of the mean of ``samples`` (R per-realisation
+    estimates, R ≥ L + 3): the weighting ``inference.covariance_fit`` uses (p̂ does not depend on
+    the overall scale of W)."""
+    x = np.asarray(samples, dtype=float)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"samples must have shape (R, L) with R >= 2; got {x.shape}")
+    return hartlap_precision(np.cov(x, rowvar=False, ddof=1) / x.shape[0], x.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# composition with per-realisation derivative samples
+
+
+def _jk_se(x):
+    n = x.shape[0]
+    return np.sqrt((n - 1) / n * np.sum((x - x.mean(0)) ** 2, axis=0))
+
+
+def p_sensitivity(
+    samples: ArrayLike,
+    derivative_samples: ArrayLike,
+    ell: ArrayLike,
+    *,
+    precision: ArrayLike | None = None,
+) -> PSensitivity:
+    """dp/dθ of the GLS BGK fit from per-realisation statistics (module docstring).
+
+    ``samples``: f_ℓ^(r) (R, L) at multipoles ``ell``; ``derivative_samples``: d^(r) (R, L) or (R, L, k)
+    with mean dE[f]/dθ for k parameters (``crjax.gradients`` estimators, or
+    :func:`ensemble_derivative_samples` / :func:`tensor_derivative_samples`); ``precision``: the fixed W
+    (default :func:`precision_of_mean` of ``samples``; pass the same W to compare fits at several θ).
+
+    Returns the delta-method dp/dθ = mean_r ∇p̂(f̄)·d^(r) with SE = std_r/√R, and the jackknife SE over
+    realisations (the check: the fit is redone at each leave-one-out mean).
+    """
+    e = _as_ell(ell)
+    c = np.asarray(samples, dtype=float)
+    if c.ndim != 2 or c.shape[1] != e.size or c.shape[0] < 3:
+        raise ValueError(f"samples must have shape (R, {e.size}) with R >= 3; got {c.shape}")
+    d = np.asarray(derivative_samples, dtype=float)
+    scalar = d.ndim == 2
+    if scalar:
+        d = d[..., None]
+    if d.ndim != 3 or d.shape[:2] != c.shape:
+        raise ValueError(f"derivative_samples must have shape {c.shape} or {c.shape + ('k',)}; "
+                         f"got {np.shape(derivative_samples)}")
+    if not (np.all(np.isfinite(c)) and np.all(np.isfinite(d))):
+        raise ValueError("samples and derivative_samples must be finite")
+    n = c.shape[0]
+    w = precision_of_mean(c) if precision is None else _check_precision(precision, e.size)
+    cbar = _check_estimate(c.mean(0), e.size)
+    # row 0: the fit at the mean; rows 1..R: at the leave-one-out means (the jackknife)
+    c_loo = (n * cbar[None] - c) / (n - 1)
+    d_loo = (n * d.mean(0)[None] - d) / (n - 1)
+    wj, ej = jnp.asarray(w), jnp.asarray(e)
+    out = [_fit_and_grad(jnp.asarray(row), wj, ej) for row in np.concatenate([cbar[None], c_loo])]
+    fits = jax.tree_util.tree_map(lambda *a: np.stack(a), *[o[0] for o in out])
+    grads = np.stack([np.asarray(o[1]) for o in out])
+    p_all = np.asarray(fits.p)
+    grad = grads[0]
+    x = np.einsum("l,rlk->rk", grad, d)
+    x_loo = np.einsum("rl,rlk->rk", grads[1:], d_loo)
+    sq = (lambda a: a[0]) if scalar else (lambda a: a)
+    return PSensitivity(
+        p=float(p_all[0]),
+        p_se=float(np.std(c @ grad, ddof=1) / np.sqrt(n)),
+        p_se_jackknife=float(_jk_se(p_all[1:])),
+        amplitude=float(fits.amplitude[0]),
+        chi2=float(fits.chi2[0]),
+        dp_dc=grad,
+        dp_dtheta=sq(x.mean(0)),
+        se=sq(np.std(x, axis=0, ddof=1) / np.sqrt(n)),
+        se_jackknife=sq(_jk_se(x_loo)),
+        contributions=x,
+        converged=bool(np.all(np.asarray(fits.converged))),
+    )
+
+
+def p_finite_difference(
+    plus: ArrayLike,
+    minus: ArrayLike,
+    h: float,
+    ell: ArrayLike,
+    *,
+    precision: ArrayLike,
+    paired: bool = False,
+) -> tuple[float, float]:
+    """The reference for :func:`p_sensitivity`: (p̂(θ+h) − p̂(θ−h))/(2h) and its standard error, from
+    per-realisation f at θ ± h (both fitted with the same fixed ``precision``).
+
+    ``paired=False``: independent ensembles, SE² = (SE₊² + SE₋²)/(2h)² with each SE by the delta
+    method (std_r ∇p̂·f^(r)/√R). ``paired=True``: common random numbers (realisation r of both with the
+    same key, R equal): SE = std_r(∇p̂₊·f₊^(r) − ∇p̂₋·f₋^(r))/(2h√R), which keeps their correlation.
+    The O(h²) curvature of p(θ) is not in the SE.
+    """
+    if not (np.isfinite(h) and h > 0):
+        raise ValueError(f"h must be finite and > 0 (allowed range: (0, inf)); got {h!r}")
+    e = _as_ell(ell)
+    w = jnp.asarray(_check_precision(precision, e.size))
+    parts = []
+    for name, x in (("plus", plus), ("minus", minus)):
+        x = np.asarray(x, dtype=float)
+        if x.ndim != 2 or x.shape[1] != e.size or x.shape[0] < 2 or not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} must be finite with shape (R, {e.size}), R >= 2; got {x.shape}")
+        fit, grad = _fit_and_grad(jnp.asarray(_check_estimate(x.mean(0), e.size)), w, jnp.asarray(e))
+        if not bool(fit.converged):
+            raise ValueError(f"the BGK fit of {name} did not converge to an interior minimum "
+                             f"(p = {float(fit.p):.4g})")
+        parts.append((float(fit.p), x @ np.asarray(grad)))
+    (pp, lp), (pm, lm) = parts
+    if paired:
+        if lp.shape != lm.shape:
+            raise ValueError(f"paired samples must have equal R; got {lp.size} and {lm.size}")
+        se = np.std(lp - lm, ddof=1) / np.sqrt(lp.size) / (2 * h)
+    else:
+        se = np.hypot(np.std(lp, ddof=1) / np.sqrt(lp.size), np.std(lm, ddof=1) / np.sqrt(lm.size))
+        se /= 2 * h
+    return (pp - pm) / (2 * h), float(se)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-realisation derivative samples from the ensembles of crjax.gradients / inference.inverse
+
+
+def ensemble_derivative_samples(
+    sample,
+    names: Sequence[str] = ("sigma2", "rL"),
+    *,
+    time_index: int = -1,
+    lmin: int = 1,
+) -> tuple[Float[np.ndarray, "R L"], Float[np.ndarray, "R L k"], np.ndarray]:
+    """(f^(r), d^(r), ell) from a ``crjax.gradients.EnsembleSample`` at one save time, ℓ ≥ ``lmin``.
+
+    d^(r) per name: ``score_function_gradient`` (σ², γ, Lc) or ``rescaled_rl_gradient`` (rL); the
+    sample must carry the names' scores (Gaussian amplitudes).
+    """
+    from crjax import gradients as G
+
+    names = tuple(names)
+    if not names:
+        raise ValueError("names must name at least one parameter")
+    per = [G.rescaled_rl_gradient(sample) if nm == "rL" else G.score_function_gradient(sample, nm)
+           for nm in names]
+    f = np.asarray(sample.f[:, time_index, lmin:])
+    d = np.stack([np.asarray(x[:, time_index, lmin:]) for x in per], axis=-1)
+    return f, d, np.arange(lmin, lmin + f.shape[1])
+
+
+def tensor_derivative_samples(
+    sample: inverse.TensorSample,
+    angle: float,
+    *,
+    time_index: int = -1,
+    symmetrise: bool = True,
+) -> tuple[Float[np.ndarray, "R L"], Float[np.ndarray, "R L 4"]]:
+    """Per-realisation f_ℓ^(r)(α) (R, L) and d^(r) (R, L, 4) for θ = ``inverse.THETA`` (σ², rL, γ, α)
+    at save time ``time_index``, ℓ = 1..ℓmax: at the last save time, the samples whose means
+    ``inverse.spectrum_model`` reports (tests check the means against it). ∂/∂α = 2 ∂_αĝ·f^(r)·ĝ is exact per realisation (no
+    trajectory is differentiated), σ² and γ are score-function samples, rL the gyro rescaling.
+    """
+    f = sample.f[:, time_index]
+    dfdT = sample.dfdT[:, time_index]
+    if symmetrise:
+        f, dfdT = inverse._symmetrise(f), inverse._symmetrise(dfdT)
+    g = inverse.gradient_direction(angle).astype(f.dtype)
+    dg = inverse.gradient_direction(angle + np.pi / 2).astype(f.dtype)  # dĝ/dα
+    fs = jnp.einsum("a,rabl,b->rl", g, f, g)[:, 1:]
+    dts = jnp.einsum("a,rabl,b->rl", g, dfdT, g)[:, 1:]
+    fa = 2.0 * jnp.einsum("a,rabl,b->rl", dg, f, g)[:, 1:]
+    n = fs.shape[0]
+    if n < 2:
+        raise ValueError(f"the sample needs >= 2 realisations; got {n}")
+    centred = (fs - fs.mean(0, keepdims=True)) * (n / (n - 1))  # leave-one-out baseline
+    T = float(sample.times[time_index])
+    rl = sample.rL
+    d = jnp.stack([
+        centred * sample.score[:, :1],
+        (2.0 / rl) * fs + centred * sample.score[:, 1:2] - (T / rl) * dts,
+        centred * sample.score[:, 2:3],
+        fa,
+    ], -1)
+    return np.asarray(fs), np.asarray(d)
