@@ -20,7 +20,9 @@ With W = the Hartlap precision of the same ensemble, p̂ is ``inference.covarian
 point estimate (``tests/test_sensitivity.py``).
 
 **Composition with ensemble gradients.** The estimand is p(θ) = p̂(E_θ[f]), f_ℓ = C_ℓ − N the
-per-realisation statistic whose mean is the seed's Ĉ_ℓ (``crjax.gradients``), so
+per-realisation statistic whose mean is the seed's Ĉ_ℓ (``crjax.gradients``; with ``npix=`` the sample
+functions below add the self-consistent offset δ̂_r of ``crjax.spectrum_estimate``, whose mean is the
+unbiased S_ℓ the pipeline fits), so
 
     dp/dθ = ∇p̂(E_θ[f]) · dE_θ[f]/dθ.
 
@@ -29,12 +31,19 @@ dE[f]/dθ (score function for σ² and γ, the gyro rescaling for rL, central di
 numbers for anything: ``crjax.gradients``; the exact ∂/∂α of the tensor spectra for the angle α between
 ∇n and B0: :func:`tensor_derivative_samples`), :func:`p_sensitivity` returns the **delta-method** estimate
 
-    x_r = ∇p̂(f̄) · d^(r),     dp/dθ = mean_r x_r,     SE = std_r(x_r)/√R,
+    x_r = ∇p̂(f̄) · d^(r) + (∇²p̂(f̄) d̄) · (f^(r) − f̄),     dp/dθ = mean_r x_r = ∇p̂(f̄)·d̄,
+    SE = std_r(x_r)/√R,
 
-and, as its check, the **jackknife** over realisations: x_(−r) = ∇p̂(f̄_(−r)) · d̄_(−r) from the R
-leave-one-out means (the fit redone at each), SE_jk² = (R−1)/R Σ_r (x_(−r) − x̄_(·))². The jackknife also
-carries the noise of ∇p̂ itself (it is evaluated at a noisy f̄), which the delta method neglects; the two
-agree when that term is small. The same is done for p̂ itself (its SE: std_r(∇p̂ · f^(r))/√R).
+where the second term is the noise of ∇p̂ itself (it is evaluated at the noisy f̄: the delta method for
+a function of the two means f̄ and d̄; ∇²p̂ d̄ by central differences of the implicit gradient). It is not
+small where d^(r) moves with f^(r): for the exact angle derivative a realisation's overall amplitude
+scatter moves d^(r) but never p̂ (∇p̂·Ĉ = 0), and the first term alone overstated the error 4–14× at nside 4.
+
+The **jackknife** over realisations is the check: x_(−r) = ∇p̂(f̄_(−r)) · d̄_(−r) from the R leave-one-out
+means (the fit redone at each), SE_jk² = (R−1)/R Σ_r (x_(−r) − x̄_(·))². It needs no derivative of ∇p̂ and
+agrees with the delta method where the fit is smooth over the spread of the leave-one-out means; a
+leave-one-out fit that jumps to another minimum of the profile shows up as a jackknife SE far above the
+delta method's. The same is done for p̂ itself (delta-method SE: std_r(∇p̂ · f^(r))/√R).
 
 **W is held fixed** (not differentiated, and the same at every θ a finite-difference check compares):
 p(θ) is the W-weighted fit's functional. Re-estimating W at each θ adds ∂p̂/∂W · dW/dθ, which is
@@ -44,7 +53,6 @@ so it is second order where BGK fits.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -54,6 +62,8 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+import crjax
+from crjax import gradients as G
 from crjax.theory import bgk_spectrum
 from inference import inverse
 from inference.likelihoods import hartlap_precision, profiled_chi2
@@ -293,7 +303,21 @@ def p_sensitivity(
     grads = np.stack([np.asarray(o[1]) for o in out])
     p_all = np.asarray(fits.p)
     grad = grads[0]
-    x = np.einsum("l,rlk->rk", grad, d)
+    # the delta method for g(f̄, d̄) = ∇p̂(f̄)·d̄, a function of two means: per-realisation influence
+    # ∇p̂·d^(r) + (∇²p̂ d̄)·(f^(r) − f̄). The second term matters where d^(r) moves with f^(r) (the exact
+    # angle derivative: a realisation's amplitude scatter moves d^(r) but never p̂, since ∇p̂·Ĉ = 0).
+    # ∇²p̂ d̄ by central differences of the implicit gradient along d̄ (step 1e-4 of |f̄|: truncation
+    # ~1e-8, the fits' 1e-12 tolerance adds ~1e-8 relative) — no second compile.
+    dbar = d.mean(0)
+    hess_d = np.zeros_like(dbar)
+    for k in range(dbar.shape[1]):
+        v = dbar[:, k]
+        if np.any(v != 0):
+            eps = 1e-4 * np.linalg.norm(cbar) / np.linalg.norm(v)
+            gp = np.asarray(_fit_and_grad(jnp.asarray(cbar + eps * v), wj, ej)[1])
+            gm = np.asarray(_fit_and_grad(jnp.asarray(cbar - eps * v), wj, ej)[1])
+            hess_d[:, k] = (gp - gm) / (2 * eps)
+    x = np.einsum("l,rlk->rk", grad, d) + (c - cbar) @ hess_d
     x_loo = np.einsum("rl,rlk->rk", grads[1:], d_loo)
     sq = (lambda a: a[0]) if scalar else (lambda a: a)
     return PSensitivity(
@@ -357,28 +381,49 @@ def p_finite_difference(
 # per-realisation derivative samples from the ensembles of crjax.gradients / inference.inverse
 
 
+def _unbiased(f, d, npix):
+    """(f, d) over ℓ = 0..L−1 → ℓ = 1..ℓmax: with ``npix``, plus the self-consistent offset δ̂ of
+    ``crjax.estimate_from_spectra`` over ℓ ≤ ℓmax = 2·nside (its default range; f = C_ℓ − D_r is its
+    pair-sum term). δ̂ is linear in f, so the derivative samples get the same map."""
+    if npix is None:
+        return np.asarray(f)[:, 1:], np.asarray(d)[:, 1:]
+    nside = int(round(np.sqrt(npix / 12)))
+    if isinstance(npix, bool) or npix != 12 * nside * nside or f.shape[1] < 2 * nside + 1:
+        raise ValueError(f"npix must be 12·nside² of the maps the sample came from, with the sample's "
+                         f"ℓ reaching 2·nside; got npix={npix!r} for ℓmax={f.shape[1] - 1}")
+    lmax = 2 * nside
+
+    def correct(x):  # (R, ..., L)
+        zero = jnp.zeros(x.shape[:-1], x.dtype)
+        return np.asarray(crjax.estimate_from_spectra(x[..., : lmax + 1], zero, npix=npix).samples)
+
+    dk = correct(jnp.moveaxis(jnp.asarray(d), -1, 1))  # (R, k, L)
+    return correct(jnp.asarray(f))[:, 1:], np.moveaxis(dk, 1, -1)[:, 1:]
+
+
 def ensemble_derivative_samples(
-    sample,
+    sample: G.EnsembleSample,
     names: Sequence[str] = ("sigma2", "rL"),
     *,
     time_index: int = -1,
-    lmin: int = 1,
+    npix: int | None = None,
 ) -> tuple[Float[np.ndarray, "R L"], Float[np.ndarray, "R L k"], np.ndarray]:
-    """(f^(r), d^(r), ell) from a ``crjax.gradients.EnsembleSample`` at one save time, ℓ ≥ ``lmin``.
+    """(f^(r), d^(r), ell) from a ``crjax.gradients.EnsembleSample`` at one save time, ℓ ≥ 1.
 
     d^(r) per name: ``score_function_gradient`` (σ², γ, Lc) or ``rescaled_rl_gradient`` (rL); the
-    sample must carry the names' scores (Gaussian amplitudes).
+    sample must carry the names' scores (Gaussian amplitudes). ``npix`` (12·nside² of the run): the
+    unbiased per-realisation Ĉ_ℓ^(r) of ``crjax.spectrum_estimate`` (offset δ̂ added, ℓ ≤ 2·nside)
+    instead of the seed's C_ℓ − N, which is biased by −δ at every ℓ (docs/physics.md §4).
     """
-    from crjax import gradients as G
-
     names = tuple(names)
     if not names:
         raise ValueError("names must name at least one parameter")
     per = [G.rescaled_rl_gradient(sample) if nm == "rL" else G.score_function_gradient(sample, nm)
            for nm in names]
-    f = np.asarray(sample.f[:, time_index, lmin:])
-    d = np.stack([np.asarray(x[:, time_index, lmin:]) for x in per], axis=-1)
-    return f, d, np.arange(lmin, lmin + f.shape[1])
+    f = sample.f[:, time_index]
+    d = jnp.stack([x[:, time_index] for x in per], axis=-1)
+    f, d = _unbiased(f, d, npix)
+    return f, d, np.arange(1, f.shape[1] + 1)
 
 
 def tensor_derivative_samples(
@@ -386,12 +431,15 @@ def tensor_derivative_samples(
     angle: float,
     *,
     time_index: int = -1,
+    npix: int | None = None,
     symmetrise: bool = True,
 ) -> tuple[Float[np.ndarray, "R L"], Float[np.ndarray, "R L 4"]]:
     """Per-realisation f_ℓ^(r)(α) (R, L) and d^(r) (R, L, 4) for θ = ``inverse.THETA`` (σ², rL, γ, α)
-    at save time ``time_index``, ℓ = 1..ℓmax: at the last save time, the samples whose means
-    ``inverse.spectrum_model`` reports (tests check the means against it). ∂/∂α = 2 ∂_αĝ·f^(r)·ĝ is exact per realisation (no
-    trajectory is differentiated), σ² and γ are score-function samples, rL the gyro rescaling.
+    at save time ``time_index``, ℓ = 1..ℓmax: at the last save time and without ``npix``, the samples
+    whose means ``inverse.spectrum_model`` reports (tests check the means against it). ∂/∂α =
+    2 ∂_αĝ·f^(r)·ĝ is exact per realisation (no trajectory is differentiated), σ² and γ are
+    score-function samples, rL the gyro rescaling. ``npix``: the unbiased Ĉ_ℓ^(r) instead of C_ℓ − N,
+    ℓ ≤ 2·nside (as in :func:`ensemble_derivative_samples`).
     """
     f = sample.f[:, time_index]
     dfdT = sample.dfdT[:, time_index]
@@ -399,9 +447,9 @@ def tensor_derivative_samples(
         f, dfdT = inverse._symmetrise(f), inverse._symmetrise(dfdT)
     g = inverse.gradient_direction(angle).astype(f.dtype)
     dg = inverse.gradient_direction(angle + np.pi / 2).astype(f.dtype)  # dĝ/dα
-    fs = jnp.einsum("a,rabl,b->rl", g, f, g)[:, 1:]
-    dts = jnp.einsum("a,rabl,b->rl", g, dfdT, g)[:, 1:]
-    fa = 2.0 * jnp.einsum("a,rabl,b->rl", dg, f, g)[:, 1:]
+    fs = jnp.einsum("a,rabl,b->rl", g, f, g)
+    dts = jnp.einsum("a,rabl,b->rl", g, dfdT, g)
+    fa = 2.0 * jnp.einsum("a,rabl,b->rl", dg, f, g)
     n = fs.shape[0]
     if n < 2:
         raise ValueError(f"the sample needs >= 2 realisations; got {n}")
@@ -414,4 +462,108 @@ def tensor_derivative_samples(
         centred * sample.score[:, 2:3],
         fa,
     ], -1)
-    return np.asarray(fs), np.asarray(d)
+    return _unbiased(fs, d, npix)
+
+
+# ----------------------------------------------------------------------------------------------
+# the measurement behind docs/gradients.md's dp/dθ numbers:  python -m inference.sensitivity OUT
+
+
+def _tensor_ensemble(out, name, params, key, n, nside, times, rL, dt):
+    """``inverse.tensor_sample``, cached as OUT/name.npz (resumable)."""
+    import time
+    from pathlib import Path
+
+    path = Path(out) / f"{name}.npz"
+    if not path.exists():
+        t0 = time.perf_counter()
+        s = inverse.tensor_sample(params, key, n, nside, times, rL=rL, dt=dt)
+        np.savez(path, f=np.asarray(s.f), dfdT=np.asarray(s.dfdT), score=np.asarray(s.score),
+                 times=np.asarray(s.times), rL=s.rL, seconds=time.perf_counter() - t0)
+        print(f"{name}: {n} realisations in {time.perf_counter() - t0:.0f} s", flush=True)
+    z = np.load(path)
+    return inverse.TensorSample(jnp.asarray(z["f"]), jnp.asarray(z["dfdT"]), jnp.asarray(z["score"]),
+                                jnp.asarray(z["times"]), float(z["rL"]))
+
+
+def study(
+    out,
+    *,
+    nside: int = 4,
+    n_modes: int = 64,
+    t_omega: Sequence[float] = (50.0, 200.0),
+    n_central: int = 1024,
+    n_fd: int = 512,
+    h: float = 0.2,
+    angles: Sequence[float] = (0.0, 0.5, np.pi / 2),
+) -> list[dict]:
+    """dp/dθ at θ0 = (σ² = 1, rL = 0.1, γ = 11/3) for each horizon, angle α and estimator of Ĉ_ℓ
+    (``"unbiased"``: ``crjax.spectrum_estimate``'s, ℓ = 1..2·nside; ``"seed"``: C_ℓ − N, ℓ = 1..3·nside − 1),
+    against central finite differences of the fitted p (relative step ``h`` in σ² and rL).
+
+    One tensor ensemble of ``n_central`` realisations at θ0 (Gaussian mode amplitudes) gives f^(r) and
+    the derivative samples for all four θ (:func:`tensor_derivative_samples`); four ensembles of
+    ``n_fd`` at σ²(1 ± h), rL(1 ± h), with a key of their own shared by each ± pair (common random
+    numbers), give the reference; every fit uses the W of the central ensemble at that (tΩ, α,
+    estimator). Save times T = tΩ·rL0 and dt = rL0/20 stay fixed when rL moves (as
+    ``rescaled_rl_gradient`` assumes). Returns one dict per (tΩ, α, estimator).
+    """
+    import sys
+    from pathlib import Path
+
+    import equinox as eqx
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    rl0, dt = 0.1, 0.1 / 20
+    times = np.asarray(t_omega, dtype=float) * rl0
+    base = crjax.FieldParams(n_modes=n_modes)
+    kc, kf = jax.random.PRNGKey(1301), jax.random.PRNGKey(1302)
+    central = _tensor_ensemble(out, "central", base, kc, n_central, nside, times, rl0, dt)
+    fd = {}
+    for sgn, tag in ((1, "p"), (-1, "m")):
+        ps = eqx.tree_at(lambda q: q.sigma2, base, 1.0 + sgn * h)
+        fd["sigma2", tag] = _tensor_ensemble(out, f"sigma2_{tag}", ps, kf, n_fd, nside, times, rl0, dt)
+        fd["rL", tag] = _tensor_ensemble(out, f"rL_{tag}", base, kf, n_fd, nside, times,
+                                         rl0 * (1 + sgn * h), dt)
+    rows = []
+    for it, tw in enumerate(t_omega):
+        for alpha in angles:
+            for estimator, npix in (("unbiased", 12 * nside**2), ("seed", None)):
+                f, d = tensor_derivative_samples(central, alpha, time_index=it, npix=npix)
+                ell = np.arange(1, f.shape[1] + 1)
+                w = precision_of_mean(f)
+                res = p_sensitivity(f, d, ell, precision=w)
+                row = {"t_omega": float(tw), "angle": round(float(alpha), 4), "estimator": estimator,
+                       "lmax": int(ell[-1]), "p": res.p, "p_se": res.p_se,
+                       "p_se_jk": res.p_se_jackknife, "chi2": res.chi2, "dof": int(ell.size - 2),
+                       "converged": res.converged, "n_central": n_central, "n_fd": n_fd, "h": h}
+                for i, name in enumerate(inverse.THETA):
+                    row[f"dp_d{name}"] = float(res.dp_dtheta[i])
+                    row[f"dp_d{name}_se"] = float(res.se[i])
+                    row[f"dp_d{name}_se_jk"] = float(res.se_jackknife[i])
+                for name, step in (("sigma2", h * 1.0), ("rL", h * rl0)):
+                    plus, minus = (tensor_derivative_samples(fd[name, tag], alpha, time_index=it,
+                                                             npix=npix)[0] for tag in ("p", "m"))
+                    try:
+                        est, se = p_finite_difference(plus, minus, step, ell, precision=w,
+                                                      paired=True)
+                    except ValueError as err:  # a fit at the edge of (0, 1): no reference here
+                        print(f"tΩ={tw} α={alpha:.3f} {estimator} {name}: {err}", file=sys.stderr)
+                        est, se = float("nan"), float("nan")
+                    row[f"fd_{name}"], row[f"fd_{name}_se"] = est, se
+                    row[f"z_{name}"] = (row[f"dp_d{name}"] - est) / float(
+                        np.hypot(row[f"dp_d{name}_se"], se))
+                rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import os
+    import sys
+
+    crjax.use_cpu_cores()
+    kw = {k: int(os.environ[k.upper()]) for k in ("nside", "n_modes", "n_central", "n_fd")
+          if k.upper() in os.environ}
+    for r in study(sys.argv[1] if len(sys.argv) > 1 else "sensitivity_out", **kw):
+        print(json.dumps(r))

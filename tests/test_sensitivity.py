@@ -113,14 +113,30 @@ def test_composition_recovers_linear_p_of_theta_exactly():
     assert out.converged
     np.testing.assert_allclose(out.p, 0.5, atol=1e-9)
     np.testing.assert_allclose(out.dp_dtheta, [0.4, 0.0], atol=1e-7)
-    # the delta-method SE is the spread of ∇p̂·η_r (its definition, reproduced from the parts)
-    x = np.einsum("l,rlk->rk", out.dp_dc, d)
-    np.testing.assert_allclose(out.se, x.std(0, ddof=1) / np.sqrt(R), rtol=1e-12)
+    np.testing.assert_allclose(out.se, out.contributions.std(0, ddof=1) / np.sqrt(R), rtol=1e-12)
     assert np.all(out.se > 0)
     # jackknife vs delta method: they differ only by the noise of ∇p̂ at the leave-one-out means
     # (5% scatter of Ĉ → a few % in the SE); 15% allows for it
     np.testing.assert_allclose(out.se_jackknife, out.se, rtol=0.15)
     np.testing.assert_allclose(out.p_se_jackknife, out.p_se, rtol=0.15)
+
+
+def test_amplitude_scatter_is_not_an_error_of_dp_dtheta():
+    # f^(r) = a_r Ĉ(θ0), d^(r) = a_r Ĉ'(θ0): every realisation has the right shape, only its amplitude
+    # scatters. p̂ is scale invariant (∇p̂·Ĉ = 0), so ∇p̂(f̄)·d̄ = dp/dθ exactly for every draw of a_r:
+    # the true error is zero. The ∇p̂·d^(r) term alone scatters like a_r (here ~0.3·|dp/dθ₁|); the
+    # ∇²p̂ term of the delta method cancels it (left: ~1e-8 relative, its central differences), and the
+    # jackknife, which refits, sees no spread either.
+    rng = np.random.default_rng(11)
+    theta0, R = np.array([0.5, 0.0]), 50
+    c0, jac = _family(theta0), _family_jacobian(theta0)
+    a = 1.0 + 0.3 * rng.standard_normal(R)
+    # (a rank-one ensemble has no covariance to invert: W is given)
+    out = S.p_sensitivity(a[:, None] * c0, a[:, None, None] * jac, ELL, precision=np.diag(c0**-2))
+    np.testing.assert_allclose(out.dp_dtheta, [0.4, 0.0], atol=1e-7)
+    naive = np.einsum("l,rlk->rk", out.dp_dc, a[:, None, None] * jac).std(0, ddof=1) / np.sqrt(R)
+    assert naive[0] > 0.01
+    assert np.all(out.se < 1e-5 * naive[0]) and np.all(out.se_jackknife < 1e-5 * naive[0])
 
 
 def test_composition_is_unbiased_with_noisy_samples():
@@ -207,12 +223,35 @@ def test_ensemble_derivative_samples_are_the_gradients_estimators():
                               jnp.asarray(rng.standard_normal((R, T, L))),
                               jnp.asarray(rng.standard_normal((R, 2))), jnp.asarray([1.0, 2.0]), 0.1,
                               ("sigma2", "rL"))
-    f, d, ell = S.ensemble_derivative_samples(sample, ("rL", "sigma2"), time_index=0, lmin=1)
+    f, d, ell = S.ensemble_derivative_samples(sample, ("rL", "sigma2"), time_index=0)
     np.testing.assert_array_equal(ell, np.arange(1, L))
     np.testing.assert_array_equal(f, np.asarray(sample.f[:, 0, 1:]))
     np.testing.assert_array_equal(d[..., 0], np.asarray(G.rescaled_rl_gradient(sample)[:, 0, 1:]))
     np.testing.assert_array_equal(d[..., 1],
                                   np.asarray(G.score_function_gradient(sample, "sigma2")[:, 0, 1:]))
+
+
+def test_npix_gives_the_unbiased_estimate_and_maps_the_derivative_samples_alike():
+    # With npix the statistic f = C_ℓ − D_r becomes the unbiased Ĉ_ℓ^(r) = f_ℓ + δ̂_r, δ̂_r =
+    # Σ_{ℓ≤2nside}(2ℓ+1) f_ℓ/(Npix − (2nside+1)²) (docs/physics.md §4; written out here in numpy), and
+    # the derivative samples get the same linear map: the σ² score-function samples equal
+    # (Ĉ^(r) − b_(−r))·s_r built from the unbiased Ĉ^(r) directly.
+    rng = np.random.default_rng(12)
+    nside, R = 2, 6
+    npix, lmax = 12 * nside**2, 2 * nside
+    f = rng.standard_normal((R, 3 * nside)) + np.linspace(3.0, 0.5, 3 * nside)
+    score = rng.standard_normal((R, 2))
+    sample = G.EnsembleSample(jnp.asarray(f[:, None]), jnp.zeros((R, 1, f.shape[1])),
+                              jnp.asarray(score), jnp.asarray([1.0]), 0.1, ("sigma2", "rL"))
+    fu, du, ell = S.ensemble_derivative_samples(sample, ("sigma2",), npix=npix)
+    w = 2.0 * np.arange(lmax + 1) + 1.0
+    ref = f[:, : lmax + 1] + (f[:, : lmax + 1] @ w / (npix - (lmax + 1) ** 2))[:, None]
+    np.testing.assert_array_equal(ell, np.arange(1, lmax + 1))
+    np.testing.assert_allclose(fu, ref[:, 1:], rtol=1e-12)
+    centred = (ref - ref.mean(0)) * R / (R - 1)
+    np.testing.assert_allclose(du[..., 0], centred[:, 1:] * score[:, :1], rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="npix"):
+        S.ensemble_derivative_samples(sample, ("sigma2",), npix=50)
 
 
 def test_bad_input_is_refused():
