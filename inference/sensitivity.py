@@ -91,7 +91,9 @@ _MAX_STEPS = 64
 class GLSFit(NamedTuple):
     """The fit at one Ĉ: p̂, Â (the model's C_1), χ²_min(p̂) = (Ĉ − Â f)ᵀW(Ĉ − Â f) and ``converged``:
     Newton succeeded inside (1e-3, 1 − 1e-3) at a point no worse than the grid's best (so a minimum,
-    not a maximum, to round-off of ĈᵀWĈ). Where it is False the stationarity condition does not hold and dp̂/dĈ means nothing."""
+    not a maximum, to round-off of ĈᵀWĈ). Where it is False (no interior minimum: e.g. a spectrum BGK
+    cannot describe, whose profile falls to an edge) p̂, Â, χ² are those of the grid's best point and
+    dp̂/dĈ is zero: the stationarity condition does not hold there."""
 
     p: Float[Array, ""]
     amplitude: Float[Array, ""]
@@ -157,7 +159,11 @@ def _gls_fit_core(c, w, ell):
         & (p_ < _P_HI - edge)
         & (jax.lax.stop_gradient(chi2) <= jnp.min(chi2_grid) + 1e-9 * jax.lax.stop_gradient(c @ w @ c))
     )
-    return GLSFit(p, amp, chi2, converged)
+    # no interior minimum (the profile falls to an edge of the range, or Newton left the grid's basin):
+    # report the grid's best point and its Â, χ² (and a zero derivative) rather than the last iterate
+    chi2_0, amp_0 = _chi2(p0, c, w, ell)
+    return GLSFit(jnp.where(converged, p, p0), jnp.where(converged, amp, amp_0),
+                  jnp.where(converged, chi2, chi2_0), converged)
 
 
 def _fit_and_grad_core(c, w, ell):

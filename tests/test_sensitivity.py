@@ -52,6 +52,23 @@ def test_fit_matches_fit_p_covariance(seed, p):
     np.testing.assert_allclose(float(S.fit_p(c, 7.0 * np.linalg.inv(cov), ELL)), ref.p, atol=1e-9)
 
 
+def test_a_spectrum_bgk_cannot_describe_is_flagged():
+    # Ĉ_ℓ = ℓ rises with ℓ; every BGK shape falls (∝ ℓ^(2p−4)), the flattest (p → 1) least: the
+    # profile χ²(p) falls monotonically to the edge (checked on the grid here), there is no interior
+    # minimum, and the fit says so, reporting the grid's best point with a zero derivative.
+    c, w = ELL.astype(float), np.eye(ELL.size)
+    grid = np.linspace(1e-3, 1 - 1e-3, 250)
+    f = _shape(grid[:, None], ELL[None, :])
+    profile = c @ c - (f @ c) ** 2 / np.sum(f * f, axis=1)
+    assert np.all(np.diff(profile) < 0)
+    fit, grad = S.fit_p_gradient(c, w, ELL)
+    assert not bool(fit.converged)
+    assert float(fit.p) == pytest.approx(1 - 1e-3)
+    np.testing.assert_array_equal(grad, 0.0)
+    noisy = c + 0.01 * np.random.default_rng(0).standard_normal((40, ELL.size))
+    assert not S.p_sensitivity(noisy, np.ones((40, ELL.size)), ELL, precision=w).converged
+
+
 def test_implicit_derivative_matches_central_differences():
     x = _toy_ensemble(np.random.default_rng(3))
     c = x.mean(0)
