@@ -218,8 +218,8 @@ def gls_fit(
     """The GLS BGK fit of ``estimate`` Ĉ_ℓ (L,) with the fixed ``precision`` W (L, L) at multipoles
     ``ell`` (L ≥ 3 strictly increasing integers ≥ 1): p̂, Â, χ²_min, converged (module docstring).
 
-    Differentiable in ``estimate`` and ``precision`` (implicit differentiation); jittable and vmappable
-    through the private core (this entry validates its input and so wants concrete arrays).
+    This entry validates its (concrete) input; for derivatives use :func:`fit_p` under ``jax.grad`` /
+    ``jax.jvp`` (implicit differentiation in Ĉ and W) or :func:`fit_p_gradient`.
     """
     e = _as_ell(ell)
     c = _check_estimate(estimate, e.size)
@@ -230,8 +230,8 @@ def gls_fit(
 def fit_p(
     estimate: ArrayLike, precision: ArrayLike, ell: ArrayLike
 ) -> Float[Array, ""]:
-    """p̂ of :func:`gls_fit`; ``jax.grad`` of it is the implicit derivative (call inside ``grad`` with
-    a traced estimate: the checks are then skipped)."""
+    """p̂ of :func:`gls_fit`. Under ``jax.grad``/``jax.jvp``/``jit`` (traced ``estimate`` or ``precision``)
+    the checks are skipped and the derivative is the implicit one (forward and reverse mode)."""
     if isinstance(estimate, jax.core.Tracer) or isinstance(precision, jax.core.Tracer):
         e = jnp.asarray(_as_ell(ell))
         return _gls_fit_core(jnp.asarray(estimate), jnp.asarray(precision), e).p
@@ -502,6 +502,7 @@ def study(
     n_fd: int = 512,
     h: float = 0.2,
     angles: Sequence[float] = (0.0, 0.5, np.pi / 2),
+    verbose: bool = False,
 ) -> list[dict]:
     """dp/dθ at θ0 = (σ² = 1, rL = 0.1, γ = 11/3) for each horizon, angle α and estimator of Ĉ_ℓ
     (``"unbiased"``: ``crjax.spectrum_estimate``'s, ℓ = 1..2·nside; ``"seed"``: C_ℓ − N, ℓ = 1..3·nside − 1),
@@ -512,8 +513,10 @@ def study(
     ``n_fd`` at σ²(1 ± h), rL(1 ± h), with a key of their own shared by each ± pair (common random
     numbers), give the reference; every fit uses the W of the central ensemble at that (tΩ, α,
     estimator). Save times T = tΩ·rL0 and dt = rL0/20 stay fixed when rL moves (as
-    ``rescaled_rl_gradient`` assumes). Returns one dict per (tΩ, α, estimator).
+    ``rescaled_rl_gradient`` assumes). Returns one dict per (tΩ, α, estimator); ``verbose`` prints
+    each as a JSON line when it is done.
     """
+    import json
     import sys
     from pathlib import Path
 
@@ -560,16 +563,16 @@ def study(
                     row[f"z_{name}"] = (row[f"dp_d{name}"] - est) / float(
                         np.hypot(row[f"dp_d{name}_se"], se))
                 rows.append(row)
+                if verbose:
+                    print(json.dumps(row), flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    import json
     import os
     import sys
 
     crjax.use_cpu_cores()
     kw = {k: int(os.environ[k.upper()]) for k in ("nside", "n_modes", "n_central", "n_fd")
           if k.upper() in os.environ}
-    for r in study(sys.argv[1] if len(sys.argv) > 1 else "sensitivity_out", **kw):
-        print(json.dumps(r))
+    study(sys.argv[1] if len(sys.argv) > 1 else "sensitivity_out", verbose=True, **kw)

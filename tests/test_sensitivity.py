@@ -86,6 +86,19 @@ def test_implicit_derivative_matches_central_differences():
     np.testing.assert_allclose(grad, fd, rtol=0, atol=1e-5 * np.max(np.abs(fd)))
 
 
+@pytest.mark.slow
+def test_fit_p_under_jax_transformations_passes_check_grads():
+    # jax.test_util.check_grads: forward- and reverse-mode derivatives of fit_p (traced input, the
+    # implicit adjoint of optimistix) against its own finite differences (eps 1e-4 on Ĉ ~ O(1)..O(10)).
+    # Slow only for its two extra compiles.
+    from jax.test_util import check_grads
+
+    x = _toy_ensemble(np.random.default_rng(13))
+    w = jnp.asarray(S.precision_of_mean(x))
+    check_grads(lambda c: S.fit_p(c, w, ELL), (jnp.asarray(x.mean(0)),), order=1,
+                modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_at_noise_free_data_is_the_gauss_newton_projection():
     # Ĉ = A f_p exactly: the residual vanishes, the Hessian of χ² is 2JᵀWJ with J = [A ∂f/∂p, f], and
     # dp̂/dĈ is the p row of (JᵀWJ)⁻¹JᵀW (∂f/∂p by central FD, h = 1e-6: error ~1e-12)
