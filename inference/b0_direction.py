@@ -71,6 +71,7 @@ __all__ = [
     "HarmonicSample",
     "RecoveryStudy",
     "ReferenceStatistics",
+    "cramer_rao_by_angle",
     "dipole_axis",
     "estimate_direction",
     "fisher_information",
@@ -426,6 +427,19 @@ def _fisher(r0, g, mean, cov):
     return dmu.T @ sinv @ dmu + 0.5 * jnp.einsum("kli,lkj->ij", a, a)
 
 
+def cramer_rao_by_angle(ref: ReferenceStatistics, angles_deg: ArrayLike) -> np.ndarray:
+    """The cosmic-variance limit √tr F⁻¹ (degrees) on b̂ from one map, for B0 at each angle
+    (degrees) to ∇n. By rotation invariance it depends on nothing else (g = x̂, b̂ in the x–z plane).
+    Returns (len(angles_deg),); inf where F is singular."""
+    out = []
+    for a in np.radians(np.atleast_1d(np.asarray(angles_deg, dtype=float))):
+        f = np.asarray(fisher_information(np.array([np.cos(a), 0.0, np.sin(a)]),
+                                          np.array([1.0, 0.0, 0.0]), ref))
+        w = np.linalg.eigvalsh(f)
+        out.append(np.degrees(np.sqrt(np.sum(1.0 / w))) if np.all(w > 0) else np.inf)
+    return np.asarray(out)
+
+
 @jax.jit
 def _jeffreys(b, g, mean, cov):
     m1, s1 = _model(rotation_to(b), g, mean, cov)
@@ -614,3 +628,50 @@ def summarise_study(study: RecoveryStudy) -> dict:
         "sign_jeffreys_median": float(np.median(study.sign_j)),
         "coverage_68": float(np.mean(study.pull2 <= _CHI2_2_68)),
     }
+
+
+def _main(argv=None) -> None:
+    """``python -m inference.b0_direction``: the held-out study at a chosen size, one JSON line per
+    horizon (summary, and the Cramér–Rao limit at 0°, 30°, 60°, 90° between B0 and ∇n)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("--nside", type=int, default=2)
+    ap.add_argument("--modes", type=int, default=8)
+    ap.add_argument("--tomega", type=float, nargs="+", default=[10.0])
+    ap.add_argument("--lmax", type=int, nargs="+", default=[2])
+    ap.add_argument("--n-ref", type=int, default=256)
+    ap.add_argument("--n-held", type=int, default=64)
+    ap.add_argument("--rl", type=float, default=0.1)
+    ap.add_argument("--grid-nside", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    crjax.use_cpu_cores()
+    params = crjax.FieldParams(n_modes=a.modes)
+    times = [t * a.rl for t in a.tomega]
+    key = jax.random.PRNGKey(a.seed)
+    lmax_run = max(a.lmax)
+    ref_s = harmonic_sample(params, jax.random.fold_in(key, 1), a.n_ref, a.nside, times, rL=a.rl,
+                            dt=a.rl / 20, lmax=lmax_run)
+    held = harmonic_sample(params, jax.random.fold_in(key, 2), a.n_held, a.nside, times, rL=a.rl,
+                           dt=a.rl / 20, lmax=lmax_run, random_b0=True)
+    g = np.array([1.0, 0.0, 0.0])
+    for lm in a.lmax:
+        k = (lm + 1) ** 2
+
+        def cut(s, k=k, lm=lm):
+            return HarmonicSample(s.coefficients[..., :k, :], s.b0, s.times, lm, s.nside)
+
+        for ti, t in enumerate(a.tomega):
+            ref = reference_statistics(cut(ref_s), ti)
+            st = recovery_study(ref, cut(held), g, time_index=ti, grid_nside=a.grid_nside)
+            out = {"nside": a.nside, "modes": a.modes, "tomega": t, "lmax": lm,
+                   "n_ref": a.n_ref, **summarise_study(st),
+                   "crb_by_angle_deg": dict(zip(("0", "30", "60", "90"), cramer_rao_by_angle(
+                       ref, [0.0, 30.0, 60.0, 90.0]).round(2).tolist()))}
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    _main()
