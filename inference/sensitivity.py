@@ -37,7 +37,9 @@ numbers for anything: ``crjax.gradients``; the exact ∂/∂α of the tensor spe
 where the second term is the noise of ∇p̂ itself (it is evaluated at the noisy f̄: the delta method for
 a function of the two means f̄ and d̄; ∇²p̂ d̄ by central differences of the implicit gradient). It is not
 small where d^(r) moves with f^(r): for the exact angle derivative a realisation's overall amplitude
-scatter moves d^(r) but never p̂ (∇p̂·Ĉ = 0), and the first term alone overstated the error 4–14× at nside 4.
+scatter moves d^(r) but never p̂ (∇p̂·Ĉ = 0), and the first term alone overstated the error 4–14×
+(nside 4, tΩ = 50 and 200, α = 0.5, 256 realisations); with it, the delta method and the jackknife
+agree to 2% (1024 realisations).
 
 The **jackknife** over realisations is the check: x_(−r) = ∇p̂(f̄_(−r)) · d̄_(−r) from the R leave-one-out
 means (the fit redone at each), SE_jk² = (R−1)/R Σ_r (x_(−r) − x̄_(·))². It needs no derivative of ∇p̂ and
