@@ -219,6 +219,11 @@ def test_bad_inputs_raise(tiny_study):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "known failure, measured in CI on 2026-12-02: the Fisher (Cramér–Rao) 68% interval of the B0 "
+    "direction covered the truth in 0.39 of held-out skies (asserted > 0.45): the local Gaussian "
+    "bound understates the error at this size (sign flips, non-Gaussian low-ℓ coefficients); open in "
+    "issue 13"))
 def test_recovery_covers_at_a_larger_size():
     """nside 4, 16 modes, tΩ = 20, ℓ ≤ 3, 512 reference realisations, 200 held-out skies: the Fisher
     68% ellipse at the truth contains the ML error in about 68% of the skies if the estimator is
