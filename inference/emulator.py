@@ -225,7 +225,7 @@ _PRIOR_SD = np.array([1.5, 1.0, 1.0, 1.5, 2.0])
 def _kernel(h, x1, x2):
     """k(x1, x2) for hyper-parameters h (5,): SE + marginalised linear mean."""
     s2, ls, c2 = jnp.exp(2 * h[0]), jnp.exp(h[1:3]), jnp.exp(2 * h[3])
-    d = (x1[:, None, :] - x2[None, :, :]) / ls
+    d = (x1[:, None, :] - x2[None, :, :]) / ls[None, None, :]
     lin = 1.0 + 4.0 * (x1 - 0.5) @ (x2 - 0.5).T
     return s2 * jnp.exp(-0.5 * jnp.sum(d * d, -1)) + c2 * lin
 
