@@ -4,6 +4,7 @@
     crjax simulate --nside 4 --realisations 8 --out run1 # any setup: results.npz + summary.json
     crjax plot --run run1                                # figures of a finished run
     crjax fit run1/simulated_spectrum_par.txt            # fit p to a spectrum file
+    crjax fit --model simulation FILE                    # fit (σ², rL, angle) via the emulator
 
 Also ``python -m inference.cli ...``. Runs resume by default: the same command continues an
 interrupted run (Ctrl-C or kill -9 stop at once and lose at most the chunk in flight) in the same

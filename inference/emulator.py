@@ -43,8 +43,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from numbers import Real
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -555,9 +554,8 @@ def fit_shape(
         for g in grid:
             w0 = w_hat.copy()
             w0[j] = g
-            cands = [_minimise(vg, w0, (j, g))]
-            prof.append(min(c[1] for c in cands))
-        prof = np.minimum(np.asarray(prof), np.inf)
+            prof.append(_minimise(vg, w0, (j, g))[1])  # warm start at the best fit
+        prof = np.asarray(prof)
         f_min = min(f_hat, float(prof.min()))
         lo, hi, cl_lo, cl_hi = _crossings(grid, prof - f_min, w_hat[j])
         ends = []

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import crjax
 from inference import emulator as E
 from inference import inverse
 
@@ -22,7 +23,6 @@ def emu():
 
 
 def test_gp_interpolates_design_points_within_their_noise(emu):
-
     s2, rl = E._from_unit(TINY, np.asarray(emu.x))
     pred = np.stack([np.asarray(E._components(emu, float(a), float(b))[0]) for a, b in zip(s2, rl)])
     z = (pred - np.asarray(emu.y)) / np.sqrt(np.asarray(emu.noise))
@@ -61,7 +61,7 @@ def test_angle_contraction_equals_spectrum_model_at_a_design_point():
     key = jax.random.PRNGKey(11)
     comps, _ = E.simulate_components(d, 1.0, 0.1, key)
     s = inverse.tensor_sample(inverse._params_for(
-        __import__("crjax").FieldParams(n_modes=8), [1.0, 0.1, d.gamma, 0.0]), key, 8, 2,
+        crjax.FieldParams(n_modes=8), [1.0, 0.1, d.gamma, 0.0]), key, 8, 2,
         [d.t_end], rL=0.1, dt=d.step)
     for a in (0.0, 0.4, np.pi / 2):
         ref = inverse.spectrum_model(s, a).mean
