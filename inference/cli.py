@@ -4,6 +4,7 @@
     crjax simulate --nside 4 --realisations 8 --out run1 # any setup: results.npz + summary.json
     crjax plot --run run1                                # figures of a finished run
     crjax fit run1/simulated_spectrum_par.txt            # fit p to a spectrum file
+    crjax fit --model simulation FILE                    # fit (σ², rL, angle) via the emulator
 
 Also ``python -m inference.cli ...``. Runs resume by default: the same command continues an
 interrupted run (Ctrl-C or kill -9 stop at once and lose at most the chunk in flight) in the same
@@ -87,6 +88,21 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write the data-vs-BGK figure here (e.g. fit.png)")
     p.add_argument("--output", default=None, help="write the fit report here as JSON")
     p.add_argument("--quiet", action="store_true", help="do not print the report")
+    p.add_argument("--model", choices=("bgk", "simulation"), default="bgk",
+                   help="bgk: fit p of seed (4.7) (default); simulation: fit (sigma2, rL/Lc, angle) "
+                        "to the spectrum's shape through the emulator (inference/emulator.py)")
+    p.add_argument("--emulator", default=None, metavar="PATH",
+                   help="--model simulation: load this emulator (.npz) instead of building one")
+    p.add_argument("--save-emulator", default=None, metavar="PATH",
+                   help="--model simulation: write the emulator built here (.npz) for reuse")
+    p.add_argument("--sigma2-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="--model simulation: design box in sigma2 (default 0.25 4)")
+    p.add_argument("--rL-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="--model simulation: design box in rL/Lc (default 0.05 0.2)")
+    p.add_argument("--design-points", type=int, default=None,
+                   help="--model simulation: simulations in the design (default 16)")
+    p.add_argument("--design-realisations", type=int, default=None,
+                   help="--model simulation: realisations per design point (default 64)")
     _add_common(p)
 
 
@@ -237,8 +253,71 @@ def _check_fit_args(args) -> None:
         raise ValueError("--output and --plot must be different files")
 
 
+_DESIGN_OPTS = {"sigma2_range": "--sigma2-range", "rL_range": "--rL-range",
+                "design_points": "--design-points", "design_realisations": "--design-realisations"}
+
+
+def _simulation_design(args):
+    """The --model simulation options, checked (ValueError naming the option) before any work."""
+    from .emulator import DEFAULT_DESIGN
+
+    if args.model != "simulation":
+        for a, opt in {**_DESIGN_OPTS, "emulator": "--emulator",
+                       "save_emulator": "--save-emulator"}.items():
+            if getattr(args, a) is not None:
+                raise ValueError(f"{opt} is used only with --model simulation")
+        return None
+    for opt, bad in (("--nuts", args.nuts), ("--plot", args.plot is not None),
+                     ("--likelihood", args.likelihood != "auto")):
+        if bad:
+            raise ValueError(f"{opt} is used only with --model bgk")
+    if args.noise == "free":
+        raise ValueError("--noise free is not available with --model simulation (auto, none, fixed)")
+    if args.emulator is not None:
+        given = [opt for a, opt in _DESIGN_OPTS.items() if getattr(args, a) is not None]
+        if given or args.save_emulator is not None:
+            raise ValueError(f"{(given or ['--save-emulator'])[0]} cannot be combined with "
+                             "--emulator (the loaded emulator fixes its design)")
+        if not Path(args.emulator).is_file():
+            raise ValueError(f"--emulator {args.emulator!r}: no such file")
+        return None
+    _check_output_file("--save-emulator", args.save_emulator)
+    changes = {}
+    for a, f in (("sigma2_range", "sigma2_range"), ("rL_range", "rL_range")):
+        if getattr(args, a) is not None:
+            changes[f] = tuple(getattr(args, a))
+    if args.design_points is not None:
+        changes["n_points"] = args.design_points
+    if args.design_realisations is not None:
+        changes["n_realisations"] = args.design_realisations
+    import dataclasses
+
+    try:
+        return dataclasses.replace(DEFAULT_DESIGN, **changes).check()
+    except ValueError as err:  # name the option, not the field
+        msg = str(err)
+        for f, opt in (("sigma2_range", "--sigma2-range"), ("rL_range", "--rL-range"),
+                       ("n_points", "--design-points"), ("n_realisations", "--design-realisations")):
+            msg = msg.replace(f, opt)
+        raise ValueError(msg) from err
+
+
 def _fit(args) -> int:
     _check_fit_args(args)
+    design = _simulation_design(args)
+    if args.model == "simulation":
+        from .emulator import DEFAULT_DESIGN, fit_simulation_file
+
+        try:
+            fit_simulation_file(args.spectrum, emulator=args.emulator,
+                                design=design or DEFAULT_DESIGN,
+                                save_emulator_to=args.save_emulator, lmin=args.lmin,
+                                lmax=args.lmax, noise=args.noise, noise_level=args.noise_level,
+                                output=args.output, quiet=args.quiet)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.spectrum}: not a UTF-8 text file (undecodable byte at offset "
+                             f"{err.start}); expected the format of docs/spectrum_format.md") from err
+        return 0
     from .report import fit_spectrum_file
 
     try:
