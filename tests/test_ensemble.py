@@ -63,6 +63,37 @@ def test_run_ensemble_chunking_and_resume(key, dirs):
     np.testing.assert_array_equal(again.positions, full.positions[:2])
 
 
+def test_realisations_dealt_over_devices(key, dirs, monkeypatch):
+    # conftest exposes 2 CPU devices. A chunk of 3 is dealt as blocks of 2 and 1 (padded to 2):
+    # the same bits as one device running the chunk, so the split cannot change results; each
+    # block runs on its own device in a program without collectives (the particle split's
+    # all-reduce in every realisation deadlocked XLA:CPU's rendezvous on 2 cores, notebook 04).
+    import crjax.ensemble as ens
+
+    params = FieldParams(n_modes=64)
+    seen = []
+    chunk = ens._ensemble_chunk
+
+    hlo = []
+
+    def spy(*args, **kwargs):
+        indices = args[3]
+        seen.append((tuple(np.asarray(indices)), indices.devices()))
+        if not hlo:  # the compiled program one device runs
+            hlo.append(chunk.lower(*args, **kwargs).compile().as_text())
+        return chunk(*args, **kwargs)
+
+    monkeypatch.setattr(ens, "_ensemble_chunk", spy)
+    two = run_ensemble(params, key, 3, dirs, TIMES, rL=RL, chunk_size=3, reducer=_moments)
+    assert seen == [((0, 1), {jax.devices()[0]}), ((2, 2), {jax.devices()[1]})]
+    assert two.shape == (3, 3, 3, 3) and two.devices() == {jax.devices()[0]}
+    one = run_ensemble(params, key, 3, dirs, TIMES, rL=RL, chunk_size=3, reducer=_moments,
+                       devices=1)
+    np.testing.assert_array_equal(two, one)
+    assert len(seen) == 3 and seen[2][0] == (0, 1, 2)
+    assert not any(c in hlo[0] for c in ("all-reduce", "all-gather", "collective-permute"))
+
+
 def _not_per_realisation(tr):
     return jnp.sum(tr.positions)
 
