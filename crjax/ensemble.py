@@ -3,13 +3,12 @@
 Realisation r is drawn from ``jax.random.fold_in(key, r)``: chunking and resumption cannot change
 results. Each chunk of realisations is backtracked one realisation after another (``jax.lax.map``)
 inside one jit and reduced on the device by a ``reducer`` (per-realisation summaries), so only
-small outputs leave it. With several devices a chunk's realisations are dealt over them, each
-device backtracking whole realisations with no collectives (``run_ensemble``).
+small outputs leave it. With several devices the particles are split over them by a program with
+no collectives, and the first device joins and reduces (``_run_chunk``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -26,11 +25,14 @@ from .engine import (
     VectorsLike,
     cast_floats,
     coupling,
+    _integrate_local,
     integrate,
     reference_field_strength,
 )
 
 __all__ = ["run_ensemble"]
+
+_AXIS = "particles"
 
 
 @functools.partial(jax.jit, static_argnames=("static", "reducer", "realise"))
@@ -53,6 +55,91 @@ def _ensemble_chunk(
     # single-field fast path, with its particles split over the devices.
     trajectories = jax.lax.map(one, indices)
     return trajectories if reducer is None else reducer(trajectories)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "realise"))
+def _split_trajectories(dynamic, params, key, indices, p, times, rL, b_ref, *, static, realise):
+    """The chunk's backtracks with each realisation's particles split over the plan's devices and
+    left there: blocks (c, ntimes, nd, m, 3) of m = ceil(npix/nd) particles (the last padded with
+    copies of particle 0). ``jax.shard_map``: each device maps over the realisations on its own
+    block and no collective is emitted (vmap over a device axis, as ``integrate`` does, makes
+    diffrax's batched error checks all-reduce across the devices in every realisation)."""
+    plan = eqx.combine(dynamic, static)
+    nd, n = plan.devices, p.shape[0]
+    blocks = jnp.concatenate([p, jnp.broadcast_to(p[:1], (-n % nd, 3))]).reshape(nd, -1, 3)
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:nd]), (_AXIS,))
+    P = jax.sharding.PartitionSpec
+
+    def per_device(block, params, key, indices, times, rL, b_ref):
+        def one(index):
+            field = cast_floats(realise(jax.random.fold_in(key, index), params), plan.dtype)
+            c = coupling(field, -1.0, rL, b_ref).astype(plan.dtype)
+            q = block[0]
+            xs, vs, nsteps = _integrate_local(plan, field, jnp.zeros_like(q), -q, times, c)
+            return xs[:, None], vs[:, None], nsteps[None]
+
+        return jax.lax.map(one, indices)
+
+    split = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(_AXIS), P(), P(), P(), P(), P(), P()),
+        out_specs=(P(None, None, _AXIS), P(None, None, _AXIS), P(None, _AXIS)),
+        check_vma=False,
+    )
+    return split(blocks, params, key, indices, times, rL, b_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "reducer"))
+def _join_and_reduce(times, blocks, *, n, reducer):
+    """One device's program: the devices' blocks joined into a chunk's Trajectory, then reduced."""
+    xs, vs, nsteps = (jnp.concatenate(b, axis) for b, axis in zip(zip(*blocks), (2, 2, 1)))
+    trajectories = Trajectory(
+        times=jnp.broadcast_to(times, xs.shape[:2]),
+        positions=_join(xs, n),
+        velocities=-_join(vs, n),
+        num_steps=nsteps.reshape(nsteps.shape[0], -1)[:, :n],
+    )
+    return trajectories if reducer is None else reducer(trajectories)
+
+
+def _run_chunk(args, indices, *, static, reducer, realise, devices: int, concrete: bool):
+    """One chunk: a single program, or (several devices, concrete inputs) two programs with no
+    collective between the devices.
+
+    One program splitting each realisation's particles over the devices (``integrate``) holds
+    cross-device all-reduces in every realisation of the ``lax.map`` (the particle gather, and
+    diffrax's error checks batched over the device axis); on a 2-core CPU XLA's in-process
+    rendezvous deadlocked in 1 of 2 runs of notebook 04 (and in CI). So the devices backtrack
+    their particle blocks of every realisation without talking to each other
+    (``_split_trajectories``), the blocks are copied to the first device (device-to-device
+    copies, not collectives), and it joins and reduces them: measured as fast as the old single
+    program (8.65e6 vs 8.50e6 particle-steps/s, 4 realisations x 1024 directions, 256 modes,
+    fp64, 2 cores). Dealing whole realisations over the devices needs no join, but ran 0.63-0.80x
+    as fast: two single-device programs oversubscribe the cores one partitioned program shares.
+    """
+    dynamic, params, key, p, times, rL, b_ref = args
+    indices = jnp.asarray(indices)
+    if devices == 1 or not concrete:
+        return _ensemble_chunk(dynamic, params, key, indices, p, times, rL, b_ref,
+                               static=static, reducer=reducer, realise=realise)
+    out = _split_trajectories(dynamic, params, key, indices, p, times, rL, b_ref,
+                              static=static, realise=realise)
+    home = jax.local_devices()[0]
+    blocks = [_blocks_to(a, axis, home) for a, axis in zip(out, (2, 2, 1))]
+    return _join_and_reduce(jax.device_put(times, home), list(zip(*blocks)), n=p.shape[0],
+                            reducer=reducer)
+
+
+def _join(a, n: int):
+    """(c, ntimes, nd, m, 3) device blocks -> the first ``n`` particles (c, ntimes, n, 3)."""
+    return a.reshape(*a.shape[:2], -1, 3)[:, :, :n]
+
+
+def _blocks_to(a, axis: int, device) -> list:
+    """The device blocks of ``a`` (split along ``axis``) in order, each copied to ``device``."""
+    shards = sorted(a.addressable_shards, key=lambda s: s.index[axis].start or 0)
+    return [jax.device_put(s.data, device) for s in shards]
 
 
 def _check_reducer(reducer, c, ntimes, p):
@@ -119,11 +206,9 @@ def run_ensemble(
     ``chunk_size`` and a run resumed at ``start`` reproduces the missing realisations exactly.
     Realisations are processed ``chunk_size`` at a time (``jax.lax.map`` inside one jit), so memory is
     bounded by one chunk's trajectories: ~ chunk_size · ntimes · npix · 48 bytes (fp64) in flight.
-    With several local devices (the engine's ``devices``, default all) each chunk's realisations
-    are dealt in contiguous blocks over them, one program per device running at the same time and
-    none talking to another (``_split_chunk``); a chunk smaller than the device count leaves
-    devices idle. Called under a JAX transformation (traced inputs), a chunk is one program and
-    each realisation's particles are split over the devices instead (``crjax.engine.integrate``).
+    With several local devices (the engine's ``devices``, default all) each realisation's particles
+    are split over them, in a program with no collectives; the first device then joins the blocks
+    and runs the reducer (``_run_chunk``). Results equal one device's bit for bit.
 
     Args:
         params: ``FieldParams`` (any pytree accepted by ``realise``).
@@ -166,68 +251,19 @@ def run_ensemble(
         _check_reducer(reducer, min(chunk_size, n_realisations - start), times.shape[0], p)
 
     dtype = plan.dtype
+    dynamic, static = eqx.partition(plan, eqx.is_array)
     rL = jnp.asarray(rL, dtype)
     b_ref = None if b_ref is None else jnp.asarray(b_ref, dtype)
-    devices = _realisation_devices(plan, (params, key, rL, b_ref))
-    if len(devices) > 1:
-        plan = dataclasses.replace(plan, devices=1)  # whole realisations per device: no collectives
-    dynamic, static = eqx.partition(plan, eqx.is_array)
-    chunk = functools.partial(_ensemble_chunk, static=static, reducer=reducer, realise=realise)
-    args = (dynamic, params, key, p, times, rL, b_ref)  # the chunk's inputs other than the indices
-    inputs = [args] if len(devices) == 1 else [_put(args, d) for d in devices]
+    args = (dynamic, params, key, p, times, rL, b_ref)
+    concrete = all(is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(args))
     outputs = []
     for first in range(start, n_realisations, chunk_size):
         indices = np.arange(first, min(first + chunk_size, n_realisations), dtype=np.int32)
-        out = _split_chunk(chunk, inputs, devices, indices)
+        out = _run_chunk(args, indices, static=static, reducer=reducer, realise=realise,
+                         devices=plan.devices, concrete=concrete)
         if on_chunk is not None:
             on_chunk(first, out)
         outputs.append(out)
     if len(outputs) == 1:
         return outputs[0]
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
-
-
-def _realisation_devices(plan, inputs) -> list:
-    """The devices a chunk's realisations are dealt over: the plan's first ``devices`` local ones
-    when every input holds a value, else the default device alone (under a transformation the
-    whole chunk is one traced program, and its particles are split over the devices instead)."""
-    concrete = all(is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(inputs))
-    return jax.local_devices()[: plan.devices] if concrete else [None]
-
-
-def _split_chunk(chunk, inputs, devices, indices):
-    """Run ``chunk`` on contiguous, equal blocks of ``indices``, one block per device.
-
-    The calls are dispatched asynchronously, so the devices backtrack their blocks at the same time
-    (measured 2.0x on two CPU devices for two independent programs). Each program runs on one
-    device without collectives: splitting one realisation's particles over the devices instead
-    puts a cross-device all-reduce in every realisation's loop iteration, which on a 2-core CPU
-    deadlocked XLA's in-process rendezvous about one run in two (notebook 04). A short last block
-    is padded with copies of its last index (computed, then dropped), so every block of a chunk
-    has the same shape and one compiled program serves all devices.
-    """
-    if len(devices) == 1:
-        return chunk(*_with_indices(inputs[0], jnp.asarray(indices)))
-    width = -(-indices.size // len(devices))
-    blocks = [indices[i : i + width] for i in range(0, indices.size, width)]
-    outs = []
-    for block, args, device in zip(blocks, inputs, devices):
-        padded = np.concatenate([block, np.full(width - block.size, block[-1])])
-        outs.append((block.size, chunk(*_with_indices(args, jax.device_put(padded, device)))))
-    home = devices[0]
-    parts = [jax.device_put(jax.tree_util.tree_map(lambda a, n=n: a[:n], o), home) for n, o in outs]
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-
-def _put(tree, device):
-    """``tree`` with its arrays on ``device``; Python scalars stay weakly typed, as jit sees them."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.device_put(a, device) if isinstance(a, (jax.Array, np.ndarray)) else a, tree
-    )
-
-
-def _with_indices(args, indices):
-    dynamic, params, key, p, times, rL, b_ref = args
-    return dynamic, params, key, indices, p, times, rL, b_ref

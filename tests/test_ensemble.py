@@ -63,35 +63,39 @@ def test_run_ensemble_chunking_and_resume(key, dirs):
     np.testing.assert_array_equal(again.positions, full.positions[:2])
 
 
-def test_realisations_dealt_over_devices(key, dirs, monkeypatch):
-    # conftest exposes 2 CPU devices. A chunk of 3 is dealt as blocks of 2 and 1 (padded to 2):
-    # the same bits as one device running the chunk, so the split cannot change results; each
-    # block runs on its own device in a program without collectives (the particle split's
-    # all-reduce in every realisation deadlocked XLA:CPU's rendezvous on 2 cores, notebook 04).
+def test_particle_split_without_collectives(key, dirs, monkeypatch):
+    # conftest exposes 2 CPU devices. Every realisation's 48 particles are backtracked as two
+    # blocks of 24, one per device, by a program with no collective (an all-gather per realisation
+    # inside the loop deadlocked XLA:CPU's rendezvous on 2 cores, notebook 04); the first device
+    # joins and reduces. The same bits as one device, with and without a reducer.
     import crjax.ensemble as ens
 
     params = FieldParams(n_modes=64)
-    seen = []
-    chunk = ens._ensemble_chunk
-
+    split = ens._split_trajectories
     hlo = []
 
     def spy(*args, **kwargs):
-        indices = args[3]
-        seen.append((tuple(np.asarray(indices)), indices.devices()))
-        if not hlo:  # the compiled program one device runs
-            hlo.append(chunk.lower(*args, **kwargs).compile().as_text())
-        return chunk(*args, **kwargs)
+        out = split(*args, **kwargs)
+        hlo.append(split.lower(*args, **kwargs).compile().as_text())
+        assert [len(a.addressable_shards) for a in out] == [2, 2, 2]
+        assert out[0].addressable_shards[1].data.shape[2:] == (1, 24, 3)  # 47 or 48 -> 2 x 24
+        return out
 
-    monkeypatch.setattr(ens, "_ensemble_chunk", spy)
+    monkeypatch.setattr(ens, "_split_trajectories", spy)
     two = run_ensemble(params, key, 3, dirs, TIMES, rL=RL, chunk_size=3, reducer=_moments)
-    assert seen == [((0, 1), {jax.devices()[0]}), ((2, 2), {jax.devices()[1]})]
+    assert len(hlo) == 1
+    assert not any(c in hlo[0] for c in ("all-reduce", "all-gather", "collective-permute",
+                                         "all-to-all"))
     assert two.shape == (3, 3, 3, 3) and two.devices() == {jax.devices()[0]}
     one = run_ensemble(params, key, 3, dirs, TIMES, rL=RL, chunk_size=3, reducer=_moments,
                        devices=1)
     np.testing.assert_array_equal(two, one)
-    assert len(seen) == 3 and seen[2][0] == (0, 1, 2)
-    assert not any(c in hlo[0] for c in ("all-reduce", "all-gather", "collective-permute"))
+    tr2 = run_ensemble(params, key, 2, dirs[:47], TIMES, rL=RL, chunk_size=2)  # padded block
+    tr1 = run_ensemble(params, key, 2, dirs[:47], TIMES, rL=RL, chunk_size=2, devices=1)
+    for a, b in zip(jax.tree_util.tree_leaves(tr2), jax.tree_util.tree_leaves(tr1)):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert len(hlo) == 2  # the two-device runs only
 
 
 def _not_per_realisation(tr):
