@@ -35,6 +35,13 @@ __all__ = ["run_ensemble"]
 _AXIS = "particles"
 
 
+def _realisation(plan, realise, params, key, index, rL, b_ref):
+    """Realisation ``index``'s field (``fold_in(key, index)``) in the plan's dtype, and the
+    antiparticle's coupling in it (charge −1: backtracking)."""
+    field = cast_floats(realise(jax.random.fold_in(key, index), params), plan.dtype)
+    return field, coupling(field, -1.0, rL, b_ref).astype(plan.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("static", "reducer", "realise"))
 def _ensemble_chunk(
     dynamic, params, key, indices, p, times, rL, b_ref, *, static, reducer, realise
@@ -42,8 +49,7 @@ def _ensemble_chunk(
     plan = eqx.combine(dynamic, static)
 
     def one(index):
-        field = cast_floats(realise(jax.random.fold_in(key, index), params), plan.dtype)
-        c = coupling(field, -1.0, rL, b_ref).astype(plan.dtype)
+        field, c = _realisation(plan, realise, params, key, index, rL, b_ref)
         # the antiparticle forward from 0 with −p̂: backtracking (crjax.backtracking)
         xs, vs, nsteps = integrate(plan, field, jnp.zeros_like(p), -p, times, c)
         return Trajectory(times=times, positions=xs, velocities=-vs, num_steps=nsteps)
@@ -72,8 +78,7 @@ def _split_trajectories(dynamic, params, key, indices, p, times, rL, b_ref, *, s
 
     def per_device(block, params, key, indices, times, rL, b_ref):
         def one(index):
-            field = cast_floats(realise(jax.random.fold_in(key, index), params), plan.dtype)
-            c = coupling(field, -1.0, rL, b_ref).astype(plan.dtype)
+            field, c = _realisation(plan, realise, params, key, index, rL, b_ref)
             q = block[0]
             xs, vs, nsteps = _integrate_local(plan, field, jnp.zeros_like(q), -q, times, c)
             return xs[:, None], vs[:, None], nsteps[None]
