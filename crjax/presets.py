@@ -189,8 +189,8 @@ def paper() -> Preset:
     The engine runs in float32 (estimators in float64): on the same 48 realisations at nside 8 up to
     tΩ = 1000, float32 and float64 agree on K_∥, K_⊥ and Ĉ_ℓ (ℓ ≤ 9, both gradients) within the
     statistical errors — paired differences at tΩ ≥ 30 beyond 2σ in 3 of 80 entries, none beyond
-    3σ (``benchmarks/precision.py``; ``docs/results.md``) — at ~2.8x the speed. 2 CPU cores: about
-    an hour (``docs/results.md`` has the measured wall time); resumable."""
+    3σ (``benchmarks/precision.py``; ``docs/results.md``) — at ~2.8x the speed. 2 CPU cores:
+    33 min measured on an idle machine (``docs/results.md``); resumable."""
     return Preset(
         name="paper",
         nside=32,
