@@ -600,6 +600,7 @@ def _main(argv=None) -> None:
                     help="θ0 = σ², rL, γ, angle (default 0.6, 1.3 rL, 11/3, 0.9)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    crjax.use_cpu_cores()  # before anything runs JAX: the checks below do
     truth = np.array([1.0, a.rl, 11 / 3, a.angle])
     try:  # bad input: one line on stderr, exit 2, before anything is written
         idx = _free_index(a.free)
@@ -610,7 +611,6 @@ def _main(argv=None) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}")
     except ValueError as err:
         ap.exit(2, f"python -m inference.inverse: {err}\n")
-    crjax.use_cpu_cores()
     a.out.mkdir(parents=True, exist_ok=True)
     base = crjax.FieldParams(n_modes=a.modes)
     t_end, dt = a.tomega * a.rl, a.rl / 20

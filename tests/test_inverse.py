@@ -93,14 +93,20 @@ def test_recovers_sigma2_and_angle_on_a_held_out_target():
 
 
 def test_recovery_study_writes_json_and_reuses_its_ensembles(tmp_path, capsys):
-    # python -m inference.inverse at a tiny size: one strict-JSON line with the aims, and a
-    # rerun loads the target and Fisher ensembles it wrote (the same numbers, nothing resimulated)
+    # python -m inference.inverse at a tiny size, in a fresh process (as a user runs it: its input
+    # checks must not start JAX before it picks the device count): one strict-JSON line with the
+    # issue's aims; a rerun (in this process) loads the target and Fisher ensembles it wrote (the
+    # same numbers, nothing resimulated)
     import json
+    import subprocess
+    import sys
 
     argv = [str(tmp_path), "--nside", "2", "--modes", "8", "--tomega", "10", "--lmax", "4",
             "--n-data", "16", "--n-fisher", "32", "--n-sim", "8", "--steps", "2"]
-    inverse._main(argv)
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, "-m", "inference.inverse", *argv],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(first["estimate"]) == {"sigma2", "rL", "angle"}
     assert set(first["aims"]) == {"angle_within_3deg", "sigma2_within_10pct", "rL_within_10pct"}
     assert json.loads((tmp_path / "recovery.json").read_text()) == first
