@@ -36,6 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 import crjax
 from crjax import gradients as G
+from crjax._checks import check_nside
 
 __all__ = [
     "THETA",
@@ -605,7 +606,7 @@ def _main(argv=None) -> None:
     try:  # bad input: one line on stderr, exit 2, before anything is written
         idx = _free_index(a.free)
         _check_theta(truth)
-        crjax.healpix_directions(a.nside)
+        check_nside(a.nside)
         for name in ("lmax", "n_data", "n_fisher", "n_sim", "steps"):
             if getattr(a, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}")
