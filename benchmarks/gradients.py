@@ -1,7 +1,9 @@
 """Gradient estimators for ensemble spectra: cost, reverse-mode memory, and the estimator study.
 
     python benchmarks/gradients.py            # one JSON line: grad_over_forward, reverse_peak_mb
-    python benchmarks/gradients.py study OUT  # the estimator x horizon study (docs/gradients.md)
+    python benchmarks/gradients.py study OUT [--nside 8]   # the estimator x horizon study (docs/gradients.md)
+    python benchmarks/gradients.py pathwise OUT [--nside 8]
+    python benchmarks/gradients.py analyse OUT
 
 The default run measures, interleaved with the forward run (A/B/A/B, the machine is shared), the
 cost of each estimator of d<Ĉ_ℓ>/dθ relative to one forward realisation, and the peak memory of a
@@ -13,7 +15,6 @@ The study writes one .npz per ensemble under OUT (skipped when present: resumabl
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -191,7 +192,9 @@ def analyse(out, ells=range(1, 7)):
     ells = list(ells)
     central, t_central = _load(out, "central")
     central = eqx_replace_rl(central, RL0)
-    res = {"nside": None, "n_central": int(central.f.shape[0]), "rows": []}
+    config = Path(out, "config.json")
+    nside = json.loads(config.read_text())["nside"] if config.exists() else None
+    res = {"nside": nside, "n_central": int(central.f.shape[0]), "rows": []}
     fd_ref = {}
     for name, h, est_fn in (("sigma2", 0.1 * SIGMA2_0, lambda s: G.score_function_gradient(s, "sigma2")),
                             ("rL", 0.1 * RL0, G.rescaled_rl_gradient),
@@ -288,16 +291,57 @@ def print_tables(res):
             print(k, np.round(np.asarray(res[k]), 2).tolist())
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "study":
+def _check_config(out, config):
+    """Record the study's sizes in OUT/config.json; refuse to mix ensembles of different sizes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        clash = {k: (old[k], v) for k, v in config.items() if k in old and old[k] != v}
+        if clash:
+            raise SystemExit(f"{out} holds a study with other sizes {clash}; use another OUT")
+        config = {**old, **config}
+    path.write_text(json.dumps(config))
+
+
+def _main(argv):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="benchmarks/gradients.py", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    st = sub.add_parser("study", help="the estimator ensembles (resumable)")
+    pw = sub.add_parser("pathwise", help="pathwise and truncated-pathwise samples (resumable)")
+    an = sub.add_parser("analyse", help="print the tables, write OUT/analysis.json")
+    for q in (st, pw, an):
+        q.add_argument("out")
+    for q in (st, pw):
+        q.add_argument("--nside", type=int, default=4)
+    st.add_argument("--n-central", type=int, default=512)
+    st.add_argument("--n-fd", type=int, default=256)
+    st.add_argument("--n-extra", type=int, default=128)
+    pw.add_argument("--n", type=int, default=32)
+    a = ap.parse_args(argv)
+    if a.cmd in ("study", "pathwise"):
+        from crjax._checks import check_nside
+
+        try:
+            check_nside(a.nside)
+        except ValueError as e:
+            ap.error(str(e))
         crjax.use_cpu_cores(2)
-        study(sys.argv[2], nside=int(os.environ.get("NSIDE", "4")))
-    elif len(sys.argv) > 1 and sys.argv[1] == "pathwise":
-        crjax.use_cpu_cores(2)
-        pathwise_study(sys.argv[2])
-    elif len(sys.argv) > 1 and sys.argv[1] == "analyse":
-        r = analyse(sys.argv[2])
-        Path(sys.argv[2], "analysis.json").write_text(json.dumps(r))
+        _check_config(a.out, {"nside": a.nside})
+    if a.cmd == "study":
+        study(a.out, nside=a.nside, n_central=a.n_central, n_fd=a.n_fd, n_extra=a.n_extra)
+    elif a.cmd == "pathwise":
+        pathwise_study(a.out, nside=a.nside, n=a.n)
+    elif a.cmd == "analyse":
+        r = analyse(a.out)
+        Path(a.out, "analysis.json").write_text(json.dumps(r))
         print_tables(r)
     else:
         benchmark()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -29,10 +29,15 @@
   :func:`holdout_validation`: fresh simulations at other θ. Numbers: ``docs/gradients.md`` (emulator).
 * **Fit.** :func:`fit_shape`: which θ reproduce a measured Ĉ_ℓ *shape*: model A·Ĉ_ℓ(θ) (+ N), the
   amplitude profiled in closed form (the model is linear in A; with the emulator variance A²v in the
-  weights, a fixed-point of 4 closed-form steps), −2 ln L = χ² + Σ ln(1 + A²v/σ²) (the log-determinant:
-  without it the fit is pulled to θ where the emulator is least sure), minimised by scipy L-BFGS-B with
-  jax gradients in the box (multi-start). Intervals: **profile likelihood** (Δ(−2 ln L) = 1, each θ_j on
-  a grid with the others re-minimised), clipped at the box edges and flagged.
+  weights, a fixed-point of 4 closed-form steps), or the spectrum itself (A = 1, the inverse problem
+  of ``inference.inverse``). With data covariance C (diagonal from the file's errors, or full) and
+  T = C + A² diag(v): −2 ln L = χ² + ln det T − ln det C, χ² = rᵀ T⁻¹ r (the log-determinant: without
+  it the fit is pulled to θ where the emulator is least sure). When C is a sample covariance of n
+  realisations, χ² enters as n·ln(1 + χ²/(n − 1)) (Sellentin & Heavens 2016: the likelihood with the
+  covariance's own noise marginalised; a Hartlap-scaled χ² would understate the tails). Minimised
+  by scipy L-BFGS-B with jax gradients in the box (multi-start). Intervals: **profile likelihood**
+  (Δ(−2 ln L) = 1, each θ_j on a grid with the others re-minimised), clipped at the box edges and
+  flagged.
 """
 
 from __future__ import annotations
@@ -86,7 +91,8 @@ class Design:
 
     Box: ``sigma2_range``, ``rL_range`` (log-uniform). Each of ``n_points`` points: ``n_realisations``
     Gaussian-amplitude realisations, ``n_modes`` modes, nside, one save time ``t_end`` (Lc/c) with step
-    ``dt`` (default rL_min/20), γ = ``gamma``; keys from ``seed``.
+    ``dt`` (default rL_min/20), γ = ``gamma``; keys from ``seed``. ``ell_max``: the emulated
+    ℓ = 1..ell_max (default 3·nside − 1).
     """
 
     sigma2_range: tuple[float, float] = (0.25, 4.0)
@@ -99,6 +105,7 @@ class Design:
     dt: float | None = None
     gamma: float = 11.0 / 3.0
     seed: int = 0
+    ell_max: int | None = None
 
     def check(self) -> Design:
         for name, (lo, hi) in (("sigma2_range", self.sigma2_range), ("rL_range", self.rL_range)):
@@ -113,8 +120,12 @@ class Design:
                             ("n_modes", self.n_modes, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
-        if self.nside not in (1, 2, 4, 8):
-            raise ValueError(f"nside must be 1, 2, 4 or 8 for an emulator design; got {self.nside!r}")
+        if self.nside not in (1, 2, 4, 8, 16):
+            raise ValueError(f"nside must be 1, 2, 4, 8 or 16 for an emulator design; got {self.nside!r}")
+        if self.ell_max is not None and (isinstance(self.ell_max, bool) or not isinstance(
+                self.ell_max, int) or not 1 <= self.ell_max <= 3 * self.nside - 1):
+            raise ValueError(f"ell_max must be an integer in [1, 3*nside - 1 = {3 * self.nside - 1}]; "
+                             f"got {self.ell_max!r}")
         if not (math.isfinite(self.t_end) and self.t_end > 0):
             raise ValueError(f"t_end must be finite and > 0; got {self.t_end!r}")
         if self.dt is not None and not (math.isfinite(self.dt) and 0 < self.dt <= self.t_end):
@@ -131,11 +142,11 @@ class Design:
 
     @property
     def lmax(self) -> int:
-        return 3 * self.nside - 1
+        return 3 * self.nside - 1 if self.ell_max is None else self.ell_max
 
     def describe(self) -> str:
         return (f"{self.n_points} design points × {self.n_realisations} realisations, nside "
-                f"{self.nside}, {self.n_modes} modes, T = {self.t_end:g} Lc/c (dt = {self.step:g}), "
+                f"{self.nside} (ℓ ≤ {self.lmax}), {self.n_modes} modes, T = {self.t_end:g} Lc/c (dt = {self.step:g}), "
                 f"σ² in [{self.sigma2_range[0]:g}, {self.sigma2_range[1]:g}], rL/Lc in "
                 f"[{self.rL_range[0]:g}, {self.rL_range[1]:g}], γ = {self.gamma:.4g}")
 
@@ -443,8 +454,10 @@ def load_emulator(path: str | os.PathLike) -> Emulator:
 @dataclasses.dataclass(frozen=True)
 class ShapeFit:
     """Best-fit θ = (σ², rL, α) of A·Ĉ_ℓ(θ) (+ N); ``intervals`` 68% profile-likelihood (Δ(−2lnL) =
-    1), ``at_boundary`` (low, high) per parameter clipped at the box; ``amplitude`` Â; ``chi2`` with
-    the file's errors plus the emulator variance, ``m2lnl`` = χ² + log-det term; ``dof`` = L − 4."""
+    1), ``at_boundary`` (low, high) per parameter clipped at the box; ``amplitude`` Â (1 when not
+    profiled); ``chi2`` with the data covariance plus the emulator variance, ``m2lnl`` the minimised
+    −2 ln L (module doc); ``dof`` = L − 3 − (1 if the amplitude is profiled); ``likelihood``
+    "gaussian" or "sellentin-heavens"; ``covariance`` "diagonal" or "full"."""
 
     theta: np.ndarray
     intervals: np.ndarray
@@ -457,10 +470,14 @@ class ShapeFit:
     ell: np.ndarray
     profiles: dict
     converged: bool
+    amplitude_profiled: bool = True
+    likelihood: str = "gaussian"
+    covariance: str = "diagonal"
 
     def summary(self) -> dict:
         out = {"model": "simulation", "lmin": int(self.ell.min()), "lmax": int(self.ell.max()),
-               "amplitude": float(self.amplitude), "chi2": float(self.chi2),
+               "amplitude": float(self.amplitude), "amplitude_profiled": self.amplitude_profiled,
+               "likelihood": self.likelihood, "covariance": self.covariance, "chi2": float(self.chi2),
                "minus2lnL": float(self.m2lnl), "dof": int(self.dof), "pvalue": float(self.pvalue),
                "interval_method": "profile likelihood, delta(-2 ln L) = 1, others re-minimised",
                "converged": bool(self.converged)}
@@ -477,20 +494,32 @@ def _theta_of_unit(design: Design, w):
     return s0 * (s1 / s0) ** w[0], r0 * (r1 / r0) ** w[1], _ANGLE_MAX * w[2]
 
 
-def _objective(emu: Emulator, idx, d, var):
-    """−2 ln L(w) (up to a constant) and (χ², Â), with Â profiled (module doc)."""
+def _objective(emu: Emulator, idx, d, cov, *, amplitude_free: bool = True, n_cov: int | None = None):
+    """−2 ln L(w) (up to a constant) and (χ², Â) (module doc): data covariance ``cov`` (L, L) plus the
+    emulator variance A²·diag(v); Â profiled in closed form (GLS, fixed-point in the weights) when
+    ``amplitude_free``, else 1; ``n_cov``: the covariance is a sample covariance of that many
+    realisations, and χ² enters through Sellentin & Heavens' (2016) t-likelihood n·ln(1 + χ²/(n − 1))."""
+    logdet_c = float(np.linalg.slogdet(np.asarray(cov))[1])
 
     def f(w):
         s2, rl, a = _theta_of_unit(emu.design, w)
         m, v = predict(emu, s2, rl, a)
         m, v = m[idx], v[idx]
-        amp = jnp.sum(m * d / var) / jnp.sum(m * m / var)
-        for _ in range(4):  # the weights depend on Â through A²v: a few fixed-point steps
-            w8 = 1.0 / (var + amp**2 * v)
-            amp = jnp.sum(w8 * m * d) / jnp.sum(w8 * m * m)
-        tot = var + amp**2 * v
-        chi2 = jnp.sum((d - amp * m) ** 2 / tot)
-        return chi2 + jnp.sum(jnp.log(tot / var)), (chi2, amp)
+        if amplitude_free:
+            amp = m @ jnp.linalg.solve(cov, d) / (m @ jnp.linalg.solve(cov, m))
+            for _ in range(4):  # the weights depend on Â through A²v: a few fixed-point steps
+                tot = cov + jnp.diag(amp**2 * v)
+                amp = m @ jnp.linalg.solve(tot, d) / (m @ jnp.linalg.solve(tot, m))
+        else:
+            amp = jnp.asarray(1.0, m.dtype)
+        tot = cov + jnp.diag(amp**2 * v)
+        chol = jnp.linalg.cholesky(tot)
+        z = jax.scipy.linalg.solve_triangular(chol, d - amp * m, lower=True)
+        chi2 = z @ z
+        # the log-det term: without it the fit is pulled to θ where the emulator is least sure
+        logdet = 2.0 * jnp.sum(jnp.log(jnp.diag(chol))) - logdet_c
+        fit = chi2 if n_cov is None else n_cov * jnp.log1p(chi2 / (n_cov - 1))
+        return fit + logdet, (chi2, amp)
 
     return f
 
@@ -519,26 +548,53 @@ def fit_shape(
     emu: Emulator,
     ell: ArrayLike,
     cl: ArrayLike,
-    sigma: ArrayLike,
+    sigma: ArrayLike | None = None,
     *,
+    covariance: ArrayLike | None = None,
+    amplitude: str = "profiled",
+    n_cov: int | None = None,
     noise: float = 0.0,
     n_starts: int = 8,
     n_grid: int = 25,
 ) -> ShapeFit:
-    """Fit θ to a spectrum's shape (module doc). ``ell`` must lie in the emulator's 1..ℓmax and hold
-    at least 5 multipoles (3 θ + amplitude + 1 dof); ``sigma`` the 1σ errors; ``noise`` N is added
-    to the model (0 for a noise-subtracted spectrum). ``n_starts`` L-BFGS-B starts (a Latin hypercube),
-    ``n_grid`` points per profile."""
+    """Fit θ to a spectrum (module doc). ``ell`` must lie in the emulator's 1..ℓmax and hold at least
+    3 + (amplitude profiled) + 1 multipoles; errors either ``sigma`` (1σ, independent multipoles) or
+    the full ``covariance`` (L, L); ``amplitude`` "profiled" fits the shape (A·Ĉ_ℓ, A free), "fixed"
+    the spectrum itself (A = 1); ``n_cov``: the errors were estimated from that many realisations
+    (Sellentin–Heavens likelihood; must exceed L + 1). ``noise`` N is added to the model (0 for a
+    noise-subtracted spectrum). ``n_starts`` L-BFGS-B starts (a Latin hypercube), ``n_grid`` points
+    per profile."""
+    if amplitude not in ("profiled", "fixed"):
+        raise ValueError(f"amplitude must be 'profiled' or 'fixed'; got {amplitude!r}")
+    free_amp = amplitude == "profiled"
+    n_min = 5 if free_amp else 4
     e = np.asarray(ell, dtype=int)
-    if e.ndim != 1 or e.size < 5 or e.min() < 1 or e.max() > emu.n_ell or np.unique(e).size != e.size:
-        raise ValueError(f"ell must hold >= 5 distinct multipoles in the emulator's range 1..{emu.n_ell}"
-                         f" (3 parameters, the amplitude and 1 dof); got {e.tolist()}")
+    if e.ndim != 1 or e.size < n_min or e.min() < 1 or e.max() > emu.n_ell or \
+            np.unique(e).size != e.size:
+        raise ValueError(f"ell must hold >= {n_min} distinct multipoles in the emulator's range "
+                         f"1..{emu.n_ell} (3 parameters{', the amplitude' if free_amp else ''} and "
+                         f"1 dof); got {e.tolist()}")
     d = np.asarray(cl, dtype=float) - float(noise)
-    var = np.asarray(sigma, dtype=float) ** 2
-    if d.shape != e.shape or var.shape != e.shape or not np.all(np.isfinite(d)) or \
-            not np.all(np.isfinite(var)) or np.any(var <= 0):
-        raise ValueError("cl and sigma must be finite, of the shape of ell, sigma > 0")
-    obj = _objective(emu, jnp.asarray(e - 1), jnp.asarray(d), jnp.asarray(var))
+    if (sigma is None) == (covariance is None):
+        raise ValueError("give exactly one of sigma (1σ errors) and covariance")
+    if covariance is None:
+        var = np.asarray(sigma, dtype=float) ** 2
+        if var.shape != e.shape or not np.all(np.isfinite(var)) or np.any(var <= 0):
+            raise ValueError("sigma must be finite, of the shape of ell, sigma > 0")
+        cov = np.diag(var)
+    else:
+        cov = np.asarray(covariance, dtype=float)
+        if cov.shape != (e.size, e.size) or not np.all(np.isfinite(cov)) or \
+                not np.allclose(cov, cov.T, rtol=1e-10, atol=0.0) or np.linalg.eigvalsh(cov).min() <= 0:
+            raise ValueError(f"covariance must be a finite symmetric positive-definite "
+                             f"{e.size}x{e.size} matrix (one row per ell)")
+    if d.shape != e.shape or not np.all(np.isfinite(d)):
+        raise ValueError("cl must be finite and of the shape of ell")
+    if n_cov is not None and (isinstance(n_cov, bool) or not isinstance(n_cov, int | np.integer)
+                              or n_cov <= e.size + 1):
+        raise ValueError(f"n_cov must be an integer > L + 1 = {e.size + 1}; got {n_cov!r}")
+    obj = _objective(emu, jnp.asarray(e - 1), jnp.asarray(d), jnp.asarray(cov),
+                     amplitude_free=free_amp, n_cov=None if n_cov is None else int(n_cov))
     vg = jax.jit(jax.value_and_grad(lambda w: obj(w)[0]))
     aux = jax.jit(lambda w: obj(w)[1])
     from scipy.stats import qmc
@@ -569,10 +625,12 @@ def fit_shape(
             "grid": [float(_theta_of_unit(emu.design, jnp.asarray(np.r_[g, g, g]))[j]) for g in grid],
             "delta_minus2lnL": (prof - f_min).tolist()}
     chi2, amp = (float(v) for v in aux(jnp.asarray(w_hat)))
-    dof = e.size - 4
+    dof = e.size - 3 - int(free_amp)
     return ShapeFit(theta=theta_hat, intervals=intervals, at_boundary=clipped, amplitude=amp,
                     chi2=chi2, m2lnl=f_hat, dof=dof, pvalue=float(stats.chi2.sf(chi2, dof)),
-                    ell=e, profiles=profiles, converged=ok)
+                    ell=e, profiles=profiles, converged=ok, amplitude_profiled=free_amp,
+                    likelihood="gaussian" if n_cov is None else "sellentin-heavens",
+                    covariance="diagonal" if covariance is None else "full")
 
 
 def _crossings(grid, delta, w_best):

@@ -104,3 +104,68 @@ def test_fit_recovers_theta_of_a_held_out_spectrum(emu):
         best = fit.theta[j]
         assert best - 2 * (best - lo) - 1e-9 <= t <= best + 2 * (hi - best) + 1e-9, (j, fit.theta,
                                                                                      fit.intervals)
+
+
+def test_full_covariance_fit_generalises_the_diagonal_one(emu):
+    """A diagonal covariance gives the sigma fit exactly (same objective, round-off only); with the
+    amplitude fixed the fit is of the spectrum itself: A = 1, one more dof, and the truth's
+    spectrum (target at the truth, full sample covariance, Sellentin–Heavens) lies within ~2σ."""
+    truth = (1.0, 0.1, 0.6)
+    d = dataclasses.replace(TINY, n_realisations=128)
+    c, _ = E.simulate_components(d, truth[0], truth[1], jax.random.PRNGKey(515151))
+    per = np.sin(truth[2]) ** 2 * c[:, 0] + np.cos(truth[2]) ** 2 * c[:, 1]
+    ell = np.arange(1, 6)
+    cl, cov = per.mean(0), np.cov(per, rowvar=False) / per.shape[0]
+    sig = np.sqrt(np.diag(cov))
+    a = E.fit_shape(emu, ell, cl, sig, n_grid=7, n_starts=3)
+    b = E.fit_shape(emu, ell, cl, covariance=np.diag(sig**2), n_grid=7, n_starts=3)
+    # identical objectives; L-BFGS-B paths may differ at round-off, so compare at its tolerance
+    np.testing.assert_allclose(b.m2lnl, a.m2lnl, rtol=1e-6)
+    np.testing.assert_allclose(b.theta, a.theta, rtol=1e-3)
+    assert (a.covariance, b.covariance) == ("diagonal", "full")
+    f = E.fit_shape(emu, ell, cl, covariance=cov, amplitude="fixed", n_cov=per.shape[0],
+                    n_grid=13, n_starts=4)
+    assert f.amplitude == 1.0 and f.dof == ell.size - 3 and f.likelihood == "sellentin-heavens"
+    for j, t in enumerate(truth):
+        lo, hi = f.intervals[j]
+        best = f.theta[j]
+        assert best - 2 * (best - lo) - 1e-9 <= t <= best + 2 * (hi - best) + 1e-9, (j, f.theta,
+                                                                                     f.intervals)
+
+
+def test_sellentin_heavens_objective_is_the_t_likelihood(emu):
+    """−2 ln L = n ln(1 + χ²/(n − 1)) + log-det term, and → the Gaussian χ² as n → ∞."""
+    ell = np.arange(1, 6)
+    m, v = (np.asarray(x) for x in E.predict(emu, 1.2, 0.11, 0.7))
+    d = m * 1.1
+    cov = np.diag((0.05 * np.abs(m)) ** 2) + 1e-5 * np.outer(m, m)  # correlated, positive definite
+    w = jnp.asarray([0.4, 0.5, 0.6])
+    g = E._objective(emu, jnp.asarray(ell - 1), jnp.asarray(d), jnp.asarray(cov),
+                     amplitude_free=False)
+    t = E._objective(emu, jnp.asarray(ell - 1), jnp.asarray(d), jnp.asarray(cov),
+                     amplitude_free=False, n_cov=40)
+    big = E._objective(emu, jnp.asarray(ell - 1), jnp.asarray(d), jnp.asarray(cov),
+                       amplitude_free=False, n_cov=10**9)
+    (vg, (chi2, amp)), (vt, _), (vb, _) = g(w), t(w), big(w)
+    logdet = float(vg) - float(chi2)
+    assert float(amp) == 1.0 and float(chi2) > 0
+    np.testing.assert_allclose(float(vt), 40 * np.log1p(float(chi2) / 39) + logdet, rtol=1e-12)
+    np.testing.assert_allclose(float(vb), float(vg), rtol=1e-6)  # O(χ²/n) difference
+
+
+def test_fit_options_are_checked(emu):
+    ell, cl, sig = np.arange(1, 6), np.ones(5), 0.1 * np.ones(5)
+    with pytest.raises(ValueError, match="exactly one of sigma"):
+        E.fit_shape(emu, ell, cl)
+    with pytest.raises(ValueError, match="exactly one of sigma"):
+        E.fit_shape(emu, ell, cl, sig, covariance=np.eye(5))
+    with pytest.raises(ValueError, match="positive-definite 5x5"):
+        E.fit_shape(emu, ell, cl, covariance=-np.eye(5))
+    with pytest.raises(ValueError, match="amplitude must be"):
+        E.fit_shape(emu, ell, cl, sig, amplitude="free")
+    with pytest.raises(ValueError, match="n_cov must be an integer > L"):
+        E.fit_shape(emu, ell, cl, sig, n_cov=6)
+    with pytest.raises(ValueError, match=">= 4 distinct multipoles"):
+        E.fit_shape(emu, ell[:3], cl[:3], sig[:3], amplitude="fixed")
+    with pytest.raises(ValueError, match="ell_max must be an integer in"):
+        dataclasses.replace(TINY, ell_max=6).check()
