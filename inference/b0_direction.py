@@ -635,6 +635,8 @@ def _main(argv=None) -> None:
     horizon (summary, and the Cramér–Rao limit at 0°, 30°, 60°, 90° between B0 and ∇n)."""
     import argparse
     import json
+    import sys
+    import time
 
     ap = argparse.ArgumentParser(description=_main.__doc__)
     ap.add_argument("--nside", type=int, default=2)
@@ -647,15 +649,42 @@ def _main(argv=None) -> None:
     ap.add_argument("--grid-nside", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    crjax.use_cpu_cores()
+    crjax.use_cpu_cores()  # before anything runs JAX
+    try:  # bad input: one line on stderr, exit 2, before anything runs
+        from crjax._checks import check_nside
+
+        check_nside(a.nside)
+        try:
+            check_nside(a.grid_nside)
+        except ValueError:
+            raise ValueError(f"--grid-nside must be a power of two; got {a.grid_nside}") from None
+        for lm in a.lmax:
+            if not 1 <= lm <= 3 * a.nside - 1:
+                raise ValueError(f"--lmax must be in [1, 3*nside - 1 = {3 * a.nside - 1}]; got {lm}")
+        for name, lo in (("modes", 1), ("n_ref", 2), ("n_held", 1)):
+            if getattr(a, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}; got {getattr(a, name)}")
+        if not (math.isfinite(a.rl) and a.rl > 0):
+            raise ValueError(f"--rl must be finite and > 0; got {a.rl}")
+        if not all(math.isfinite(t) and t > 0 for t in a.tomega):
+            raise ValueError(f"--tomega must be finite and > 0; got {a.tomega}")
+    except ValueError as err:
+        ap.exit(2, f"python -m inference.b0_direction: {err}\n")
     params = crjax.FieldParams(n_modes=a.modes)
     times = [t * a.rl for t in a.tomega]
     key = jax.random.PRNGKey(a.seed)
     lmax_run = max(a.lmax)
+    t0 = time.perf_counter()
+
+    def say(msg):
+        print(f"{msg} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
     ref_s = harmonic_sample(params, jax.random.fold_in(key, 1), a.n_ref, a.nside, times, rL=a.rl,
                             dt=a.rl / 20, lmax=lmax_run)
     held = harmonic_sample(params, jax.random.fold_in(key, 2), a.n_held, a.nside, times, rL=a.rl,
                            dt=a.rl / 20, lmax=lmax_run, random_b0=True)
+    jax.block_until_ready(held.coefficients)
+    say(f"simulated: {a.n_ref} reference and {a.n_held} held-out skies")
     g = np.array([1.0, 0.0, 0.0])
     for lm in a.lmax:
         k = (lm + 1) ** 2
@@ -671,6 +700,7 @@ def _main(argv=None) -> None:
                    "crb_by_angle_deg": dict(zip(("0", "30", "60", "90"), cramer_rao_by_angle(
                        ref, [0.0, 30.0, 60.0, 90.0]).round(2).tolist()))}
             print(json.dumps(out), flush=True)
+            say(f"lmax {lm}, tΩ {t:g} done")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,15 @@ def test_bad_inputs_raise(tiny_study):
         B.reference_statistics(held)
     with pytest.raises(ValueError, match="rotation"):
         B.rotate_field(crjax.uniform_field(), np.diag([1.0, 1.0, -1.0]))
+
+
+@pytest.mark.parametrize("args, what", [(["--nside", "3"], "nside must be a power of two"),
+                                        (["--lmax", "9"], "--lmax must be in")])
+def test_cli_rejects_bad_input_with_one_line(args, what):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "inference.b0_direction", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and what in r.stderr, r.stderr
