@@ -329,8 +329,13 @@ def _main(argv):
             check_nside(a.nside)
         except ValueError as e:
             ap.error(str(e))
+        sizes = ({"n_central": a.n_central, "n_fd": a.n_fd, "n_extra": a.n_extra}
+                 if a.cmd == "study" else {"n_pathwise": a.n})
+        for k, v in sizes.items():
+            if v < 2:
+                ap.error(f"{k} must be >= 2; got {v}")
         crjax.use_cpu_cores(2)
-        _check_config(a.out, {"nside": a.nside})
+        _check_config(a.out, {"nside": a.nside, **sizes})
     if a.cmd == "study":
         study(a.out, nside=a.nside, n_central=a.n_central, n_fd=a.n_fd, n_extra=a.n_extra)
     elif a.cmd == "pathwise":
