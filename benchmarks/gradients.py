@@ -322,18 +322,22 @@ def _main(argv):
     st.add_argument("--n-extra", type=int, default=128)
     pw.add_argument("--n", type=int, default=32)
     a = ap.parse_args(argv)
+
+    def fail(msg):  # one line on stderr, exit 2 (argparse's error() adds the usage block)
+        ap.exit(2, f"{ap.prog}: {msg}\n")
+
     if a.cmd in ("study", "pathwise"):
         from crjax._checks import check_nside
 
         try:
             check_nside(a.nside)
         except ValueError as e:
-            ap.error(str(e))
+            fail(str(e))
         sizes = ({"n_central": a.n_central, "n_fd": a.n_fd, "n_extra": a.n_extra}
                  if a.cmd == "study" else {"n_pathwise": a.n})
         for k, v in sizes.items():
             if v < 2:
-                ap.error(f"{k} must be >= 2; got {v}")
+                fail(f"{k} must be >= 2; got {v}")
         crjax.use_cpu_cores(2)
         _check_config(a.out, {"nside": a.nside, **sizes})
     if a.cmd == "study":

@@ -70,13 +70,17 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", type=int, default=64)
     ap.add_argument("--lmax", type=int, default=12)
     a = ap.parse_args(argv)
+
+    def fail(msg):  # one line on stderr, exit 2 (argparse's error() adds the usage block)
+        ap.exit(2, f"{ap.prog}: {msg}\n")
+
     if a.design_seed == 0:  # PRNGKey(0) holds the targets' keys
-        ap.error("--design-seed must not be 0 (the targets' key)")
+        fail("--design-seed must not be 0 (the targets' key)")
     for name in ("targets", "points", "n_real", "grid", "lmax"):
         # lmax >= 4: three parameters and one degree of freedom
         lo = {"points": 6, "n_real": 4, "grid": 5, "lmax": 4}.get(name, 1)
         if getattr(a, name) < lo:
-            ap.error(f"--{name.replace('_', '-')} must be >= {lo}; got {getattr(a, name)}")
+            fail(f"--{name.replace('_', '-')} must be >= {lo}; got {getattr(a, name)}")
     crjax.use_cpu_cores()
     from inference import emulator as E
 
@@ -85,7 +89,7 @@ def main(argv=None) -> None:
                           n_realisations=a.n_real, nside=a.nside, n_modes=a.modes, t_end=T_END,
                           dt=DT, seed=a.design_seed, ell_max=a.lmax).check()
     except ValueError as err:
-        ap.error(str(err))
+        fail(str(err))
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     emu_path = a.out / f"emulator_seed{a.design_seed}.npz"
