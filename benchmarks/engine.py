@@ -26,6 +26,13 @@ bookkeeping, setup and output); ``save`` = four save times minus one.
     python benchmarks/engine.py                                  # full (several minutes)
     python benchmarks/engine.py --quick                          # tΩ = 20 smoke run
     python benchmarks/engine.py --baseline ../baseline          # + same-run A/B vs a checkout of another commit
+    python benchmarks/engine.py --peer "cd ../peer && CRPROPA_DATA_PATH=data PYTHONPATH=build \\
+        OMP_NUM_THREADS=2 python crpropa_speed.py BP"               # + CRPropa 3 timed in the same run
+
+``--peer CMD`` runs a shell command once per repeat round, interleaved with the crjax cases; it must
+print a JSON line with ``particle_steps_per_s`` (e.g. the CRPropa 3 speed script of the project's
+baselines, built as described there). The best of its runs replaces the stored CRPropa figure (which
+came from another machine of the same kind) in the "vs CRPropa" ratios.
 
 ``ensemble_f64``/``ensemble_f32``: the production path, ``run_ensemble`` over one chunk of 4
 realisations with the same N directions, tΩ and step (particle-steps counted over all four).
@@ -188,10 +195,26 @@ class _Worker:
         self.proc.wait(timeout=60)
 
 
-def _ab(workers, cases, repeats):
+def _run_peer(cmd: str) -> float:
+    """particle-steps/s printed (as JSON ``particle_steps_per_s``) by the peer command ``cmd``."""
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            return float(json.loads(line)["particle_steps_per_s"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    raise RuntimeError(
+        f"--peer command printed no JSON line with particle_steps_per_s (exit {proc.returncode}): "
+        f"{tail}"
+    )
+
+
+def _ab(workers, cases, repeats, peer=None):
     """First call (compile + run) and the best of ``repeats`` per worker and case, interleaved:
     the minimum wall time ("s") and, separately, the minimum process CPU time ("cpu", all
-    threads: core-seconds, robust to other processes' load)."""
+    threads: core-seconds, robust to other processes' load). With ``peer`` (a command, see
+    ``--peer``) it also runs once per repeat round; its best rate is returned under "peer"."""
     first, best = {}, {}
     for case in cases:
         for w in workers:
@@ -200,6 +223,8 @@ def _ab(workers, cases, repeats):
             first[w.label, case] = time.perf_counter() - t0
             best[w.label, case] = dict(r, s=float("inf"), cpu=float("inf"))
     for _ in range(repeats):
+        if peer is not None:
+            best["peer"] = max(best.get("peer", 0.0), _run_peer(peer))
         for case in cases:
             for w in workers:
                 r, b = w.run(case), best[w.label, case]
@@ -324,10 +349,29 @@ def main(argv=None):
         action="store_false",
         help="skip the adaptive solver and the design check",
     )
+    ap.add_argument(
+        "--peer",
+        default=None,
+        metavar="CMD",
+        help="shell command timed in the same run that prints JSON with particle_steps_per_s "
+        "(e.g. CRPropa 3, see the module docstring)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args)
+
+    def fail(msg):  # one line on stderr, exit 2 (argparse's error() adds the usage block)
+        ap.exit(2, f"{ap.prog}: {msg}\n")
+
+    for name in ("n", "modes", "repeats"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
+    if args.baseline is not None and not (args.baseline / "crjax" / "__init__.py").is_file():
+        fail(f"--baseline must be a checkout of crjax (a folder holding crjax/__init__.py); "
+             f"got {args.baseline}")
+    if args.peer is not None and not args.peer.strip():
+        fail("--peer must be a non-empty shell command")
 
     workers = [_Worker("new", ROOT, args)]
     if args.baseline is not None:
@@ -345,9 +389,19 @@ def main(argv=None):
     cases = [f"boris_{d}" for d in DTYPES] + [f"ensemble_{d}" for d in DTYPES]
     if args.profile:
         cases += [f"prof_{p}_{d}" for d in DTYPES for p in ("field", "push", "bt1", "bt4")]
-    first, best = _ab(workers, cases, args.repeats)
-    for w in workers:
-        w.close()
+    try:
+        first, best = _ab(workers, cases, args.repeats, peer=args.peer)
+    except RuntimeError as err:
+        fail(str(err))
+    finally:
+        for w in workers:
+            w.close()
+    peer = best.get("peer")
+    crpropa, crpropa_src = (
+        (peer, "same run") if peer else (CRPROPA["boris_2threads"], "issue 12's figure")
+    )
+    if peer:
+        print(f"peer (--peer, best of {args.repeats}, same run): {peer:.3e} particle-steps/s")
 
     rates, cpu_rates, ns, compile_s = {}, {}, {}, {}
     for w in workers:
@@ -362,7 +416,7 @@ def main(argv=None):
             lab = w.label
             print(
                 f"boris_{d} {lab:8s}: {rates[lab, d]:.3e} particle-steps/s (wall; vs CRPropa 2 "
-                f"threads {rates[lab, d] / CRPROPA['boris_2threads']:.2f}x), "
+                f"threads, {crpropa_src}: {rates[lab, d] / crpropa:.2f}x), "
                 f"{cpu_rates[lab, d]:.3e} per core-second (CPU time) = {ns[lab, d]:.3f} ns per "
                 f"mode evaluation per core; compile {compile_s[lab, d]:.1f} s"
             )
@@ -418,6 +472,12 @@ def main(argv=None):
     for d in DTYPES:
         summary[f"boris_{d}_steps_per_core_s"] = cpu_rates["new", d]
         summary[f"ensemble_{d}_steps_per_s"] = ens["new", d]
+    if peer:
+        summary["peer_steps_per_s"] = peer
+        for w in workers:
+            pre = "" if w.label == "new" else "baseline_"
+            for d in DTYPES:
+                summary[f"{pre}boris_{d}_vs_peer"] = rates[w.label, d] / peer
     if len(workers) > 1:
         for d in DTYPES:
             summary[f"baseline_boris_{d}_steps_per_s"] = rates["baseline", d]
