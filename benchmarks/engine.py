@@ -214,8 +214,9 @@ def _ab(workers, cases, repeats, peer=None):
     """First call (compile + run) and the best of ``repeats`` per worker and case, interleaved:
     the minimum wall time ("s") and, separately, the minimum process CPU time ("cpu", all
     threads: core-seconds, robust to other processes' load). With ``peer`` (a command, see
-    ``--peer``) it also runs once per repeat round; its best rate is returned under "peer"."""
-    first, best = {}, {}
+    ``--peer``) it also runs once per repeat round; returns (first, best, the peer's best rate or
+    None)."""
+    first, best, peer_rate = {}, {}, None
     for case in cases:
         for w in workers:
             t0 = time.perf_counter()
@@ -224,12 +225,12 @@ def _ab(workers, cases, repeats, peer=None):
             best[w.label, case] = dict(r, s=float("inf"), cpu=float("inf"))
     for _ in range(repeats):
         if peer is not None:
-            best["peer"] = max(best.get("peer", 0.0), _run_peer(peer))
+            peer_rate = max(peer_rate or 0.0, _run_peer(peer))
         for case in cases:
             for w in workers:
                 r, b = w.run(case), best[w.label, case]
                 b["s"], b["cpu"] = min(b["s"], r["s"]), min(b["cpu"], r["cpu"])
-    return first, best
+    return first, best, peer_rate
 
 
 def _adaptive_and_design(args):
@@ -390,13 +391,12 @@ def main(argv=None):
     if args.profile:
         cases += [f"prof_{p}_{d}" for d in DTYPES for p in ("field", "push", "bt1", "bt4")]
     try:
-        first, best = _ab(workers, cases, args.repeats, peer=args.peer)
+        first, best, peer = _ab(workers, cases, args.repeats, peer=args.peer)
     except RuntimeError as err:
         fail(str(err))
     finally:
         for w in workers:
             w.close()
-    peer = best.get("peer")
     crpropa, crpropa_src = (
         (peer, "same run") if peer else (CRPROPA["boris_2threads"], "issue 12's figure")
     )
